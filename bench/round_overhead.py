@@ -68,8 +68,14 @@ class Ledger:
 
         return timed
 
-    def patch(self, module, name: str, category: str) -> None:
-        setattr(module, name, self.wrap(category, getattr(module, name)))
+    def patch(self, module, name: str, category: str, *importers) -> None:
+        """Wrap module.name, and the same function where an importer holds it by name."""
+        original = getattr(module, name)
+        wrapped = self.wrap(category, original)
+        setattr(module, name, wrapped)
+        for importer in importers:
+            if getattr(importer, name, None) is original:
+                setattr(importer, name, wrapped)
 
     def snapshot(self) -> tuple[dict, dict]:
         return dict(self.outer), dict(self.inner)
@@ -118,8 +124,9 @@ def instrument(ledger: Ledger) -> None:
         (lineage, "last_done", "lineage"),
         (lineage, "output_holds", "lineage"),
         (lineage, "record_run", "lineage"),
+        (tables, "compact", "lineage: compact stage_runs"),
     ]:
-        ledger.patch(module, name, category)
+        ledger.patch(module, name, category, flows.round)
 
 
 def seed_warm_start(source_store: Path, cfg) -> None:

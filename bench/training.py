@@ -75,7 +75,7 @@ def build_rows(n_prompts: int, rollout: RolloutConfig, tokenizer) -> pl.DataFram
 
 def padding_shares(rows: pl.DataFrame, config: TrainConfig) -> dict[str, float]:
     """Real positions / all positions of the (B, L) model inputs: the stage's length-sorted micro-batches,
-    naive random micro-batches (same permutation, unsorted), and the μ-recompute pass (row order)."""
+    naive random micro-batches (same permutation, unsorted), and the μ-recompute pass (length order)."""
     lengths = (rows["prompt_token_ids"].list.len() + rows["completion_token_ids"].list.len()).to_numpy()
     order = np.random.default_rng([SEED, 0, 0]).permutation(len(lengths))
 
@@ -86,7 +86,8 @@ def padding_shares(rows: pl.DataFrame, config: TrainConfig) -> dict[str, float]:
     m = config.micro_batch_size
     sorted_groups = [g for batch in _micro_batches(order, lengths, config) for g in batch]
     naive_groups = [order[i : i + m] for i in range(0, len(order), m)]
-    recompute_groups = [np.arange(i, min(i + m, len(order))) for i in range(0, len(order), m)]
+    by_length = np.argsort(lengths, kind="stable")
+    recompute_groups = [by_length[i : i + m] for i in range(0, len(order), m)]
     return {"stage": share(sorted_groups), "naive": share(naive_groups), "recompute": share(recompute_groups)}
 
 
@@ -94,20 +95,27 @@ def padding_shares(rows: pl.DataFrame, config: TrainConfig) -> dict[str, float]:
 
 
 def bare_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """Right-padded (B, L) inputs; targets and a mask aligned with logits[:, :-1] (position t predicts t+1)."""
-    seqs = [torch.tensor(p + c) for p, c in zip(prompts, completions)]
-    input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)  # (B, L)
-    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
-    starts = torch.tensor([len(p) for p in prompts])  # (B,) first completion position
-    col = torch.arange(input_ids.shape[1])[None, :]  # (1, L)
-    attention = (col < lengths[:, None]).long()  # (B, L)
-    completion = ((col >= starts[:, None]) & (col < lengths[:, None]))[:, 1:]  # (B, L-1) targets that count
-    return input_ids, attention, completion
+    """Left-padded (B, L) inputs so that every completion ends at column L; explicit positions; the
+    (B, C) targets of the last C columns and their mask (C = the longest completion)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width, c_width = max(map(len, seqs)), max(map(len, completions))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        input_ids[i, width - len(seq) :] = torch.tensor(seq)
+        attention[i, width - len(seq) :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    lengths = torch.tensor([len(c) for c in completions])
+    completion = torch.arange(c_width)[None, :] >= (c_width - lengths)[:, None]  # (B, C)
+    return input_ids, attention, positions, completion
 
 
-def bare_logp(model, input_ids, attention) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # (B, L-1, V)
-    return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
+def bare_logp(model, input_ids, attention, positions, completion) -> torch.Tensor:
+    c_width = completion.shape[1]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=c_width + 1
+    ).logits[:, :-1]  # (B, C, V)
+    return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, -c_width:, None]).squeeze(-1)  # (B, C)
 
 
 def bare_train(model, rows: pl.DataFrame, config: TrainConfig, pad_id: int) -> int:
@@ -119,9 +127,11 @@ def bare_train(model, rows: pl.DataFrame, config: TrainConfig, pad_id: int) -> i
     m = config.micro_batch_size
     model.eval()
     with torch.no_grad():
+        by_length = np.argsort(lengths, kind="stable")
         for i in range(0, len(prompts), m):
-            input_ids, attention, completion = bare_batch(prompts[i : i + m], completions[i : i + m], pad_id)
-            bare_logp(model, input_ids, attention).masked_select(completion).tolist()
+            rows_i = by_length[i : i + m]
+            batch = bare_batch([prompts[j] for j in rows_i], [completions[j] for j in rows_i], pad_id)
+            bare_logp(model, *batch).masked_select(batch[-1]).tolist()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -133,9 +143,9 @@ def bare_train(model, rows: pl.DataFrame, config: TrainConfig, pad_id: int) -> i
         num_tokens = int(sum(n_tokens[b].sum() for b in batch))
         optimizer.zero_grad(set_to_none=True)
         for b in batch:
-            input_ids, attention, completion = bare_batch([prompts[i] for i in b], [completions[i] for i in b], pad_id)
-            logp = bare_logp(model, input_ids, attention)  # (b, L-1)
-            loss = -(coef[b][:, None] * torch.where(completion, logp, 0.0)).sum() / num_tokens
+            batch = bare_batch([prompts[i] for i in b], [completions[i] for i in b], pad_id)
+            logp = bare_logp(model, *batch)  # (b, C)
+            loss = -(coef[b][:, None] * torch.where(batch[-1], logp, 0.0)).sum() / num_tokens
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

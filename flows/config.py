@@ -156,7 +156,11 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm to this")
     epochs: int = Field(1, ge=1, description="passes over the round's selected rows")
     batch_size: int = Field(256, ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(256, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = Field(
+        64,
+        ge=1,
+        description="most sequences per forward/backward; rows of similar length share one (gradient accumulation)",
+    )
     behaviour_logprobs: Literal["recompute", "engine"] = Field(
         "recompute", description="μ's log-probs: recomputed by the trainer before the first update, or the engine's"
     )
@@ -164,7 +168,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})"
             )

@@ -30,11 +30,20 @@ CODE = {
 }
 
 
-def code_version(stage: str) -> str:
+def _hash_code(stage: str) -> str:
     digest = hashlib.sha256()
     for rel in CODE[stage]:
         digest.update((ROOT / rel).read_bytes())
     return digest.hexdigest()[:12]
+
+
+# Hashed once, when the flow's process imports this module (with the stage modules it runs): a file
+# edited while a long experiment runs must not give the old code's output a new code version.
+_CODE_VERSIONS = {stage: _hash_code(stage) for stage in CODE}
+
+
+def code_version(stage: str) -> str:
+    return _CODE_VERSIONS[stage]
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,13 @@ def materialize(
     `plan_at` is where the stage sits for --from-stage (default: its own round and name); the evaluation
     of checkpoint j is recorded as round j but is the last step of round j − 1.
     """
+    with tables.views_rewritten_once(store):
+        return _materialize(store, experiment, stage, round, config, inputs, plan, produce, output_where,
+                            plan_at, reward_range, on_skip)  # fmt: skip
+
+
+def _materialize(store, experiment, stage, round, config, inputs, plan, produce, output_where, plan_at,
+                 reward_range, on_skip) -> StageRef:  # fmt: skip
     plan_round, plan_stage = plan_at or (round, stage)
     table = OUTPUT_TABLE[stage]
     where = output_where or {"experiment": experiment, "round": round}

@@ -17,6 +17,14 @@ from prefect.cache_policies import NO_CACHE
 from flows import progress
 from flows.config import ExperimentConfig
 from flows.materialize import Plan, StageRef, Writer, materialize
+from stages.advantage import advantages
+from stages.curate import curate
+from stages.evaluate import evaluate
+from stages.models import WARM_START_RECORD, builtin_policy, load_policy
+from stages.prompts import BUILTIN_DATASET, load_prompts, render_prompts, sample_round_prompts
+from stages.rollout import generate_rollouts
+from stages.train import train_round, training_rows
+from stages.verify import score, verify_batch
 from storage import checkpoints, tables
 
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -46,7 +54,6 @@ def round_flow(cfg: ExperimentConfig, k: int, plan: Plan = Plan(), checkpoint: S
 
 @task(name="prompts", **TASK)
 def prompts_table(cfg: ExperimentConfig, plan: Plan) -> StageRef:
-    from stages.prompts import load_prompts
 
     dataset = dataset_name(cfg)
 
@@ -63,7 +70,6 @@ def prompts_table(cfg: ExperimentConfig, plan: Plan) -> StageRef:
 @task(name="base", **TASK)
 def base_checkpoint(cfg: ExperimentConfig, plan: Plan, prompts: StageRef) -> StageRef:
     """Checkpoint 0 (μ_0): the builtin policy after its warm start (cached in the store), or the given model."""
-    from stages.models import WARM_START_RECORD, builtin_policy, load_policy
 
     def produce(w: Writer) -> int:
         folder = checkpoints.checkpoint_dir(cfg.store, cfg.name, 0)
@@ -98,9 +104,6 @@ def base_checkpoint(cfg: ExperimentConfig, plan: Plan, prompts: StageRef) -> Sta
 
 @task(name="rollouts", retries=2, **TASK)
 def rollouts_table(cfg: ExperimentConfig, plan: Plan, k: int, prompts: StageRef, checkpoint: StageRef) -> StageRef:
-    from stages.models import load_policy
-    from stages.prompts import render_prompts, sample_round_prompts
-    from stages.rollout import generate_rollouts
 
     def produce(w: Writer) -> int:
         ckpt = checkpoints.lookup(cfg.store, cfg.name, k)
@@ -123,7 +126,6 @@ def rollouts_table(cfg: ExperimentConfig, plan: Plan, k: int, prompts: StageRef,
 
 @task(name="rewards", retries=2, **TASK)
 def rewards_table(cfg: ExperimentConfig, plan: Plan, k: int, rollouts: StageRef, prompts: StageRef) -> StageRef:
-    from stages.verify import score
 
     def produce(w: Writer) -> int:
         rows = tables.read(cfg.store, "rollouts", experiment=cfg.name, round=k)
@@ -138,7 +140,6 @@ def rewards_table(cfg: ExperimentConfig, plan: Plan, k: int, rollouts: StageRef,
 
 @task(name="advantages", **TASK)
 def advantages_table(cfg: ExperimentConfig, plan: Plan, k: int, rewards: StageRef) -> StageRef:
-    from stages.advantage import advantages
 
     def produce(w: Writer) -> int:
         frame = advantages(tables.read(cfg.store, "rewards", experiment=cfg.name, round=k), cfg.advantage)
@@ -152,7 +153,6 @@ def advantages_table(cfg: ExperimentConfig, plan: Plan, k: int, rewards: StageRe
 def train_set_table(
     cfg: ExperimentConfig, plan: Plan, k: int, advantages: StageRef, rewards: StageRef, rollouts: StageRef
 ) -> StageRef:
-    from stages.curate import curate
 
     def produce(w: Writer) -> int:
         frame = curate(
@@ -178,8 +178,6 @@ def train_policy(
     checkpoint: StageRef,
 ) -> StageRef:
     """π starts at μ_k, trains on the round's selected rows, and becomes checkpoint k+1 (μ_{k+1})."""
-    from stages.models import load_policy
-    from stages.train import train_round, training_rows
 
     def produce(w: Writer) -> int:
         ckpt = checkpoints.lookup(cfg.store, cfg.name, k)
@@ -219,10 +217,6 @@ def train_policy(
 @task(name="eval", **TASK)
 def evals_table(cfg: ExperimentConfig, plan: Plan, j: int, checkpoint: StageRef, prompts: StageRef) -> StageRef:
     """Greedy (and sampled) answers of checkpoint j on the test split."""
-    from stages.evaluate import evaluate
-    from stages.models import load_policy
-    from stages.prompts import render_prompts
-    from stages.verify import verify_batch
 
     def produce(w: Writer) -> int:
         ckpt = checkpoints.lookup(cfg.store, cfg.name, j)
@@ -271,7 +265,6 @@ def _digest(*parts) -> str:
 
 def dataset_name(cfg: ExperimentConfig) -> str:
     """The prompts partition of this config: readable source name plus a hash of what shapes the rows."""
-    from stages.prompts import BUILTIN_DATASET
 
     base = cfg.prompts.dataset_name or (
         BUILTIN_DATASET if cfg.prompts.source == "builtin" else Path(cfg.prompts.source).stem

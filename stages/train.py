@@ -14,6 +14,7 @@ import torch
 
 from flows.config import TrainConfig
 from stages.losses import LOSSES
+from stages.rollout import LeftPadBatch, completion_logprobs, left_pad_batch
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]
 STAT_KEYS = ["ratio_mean", "ratio_min", "ratio_max", "ratio_clipped", "positive_share", "effective_positive_share"]
@@ -46,40 +47,24 @@ def training_rows(
     )
 
 
-def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion ids and, per completion token, the position whose logits predict it."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    width, depth = max(lengths), max(len(c) for c in completions)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, L)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, L)
-    positions = torch.zeros((len(prompts), depth), dtype=torch.long)  # (B, T)
-    targets = torch.full((len(prompts), depth), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(prompts), depth))  # (B, T)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[i, : lengths[i]] = torch.tensor(p + c)
-        attention[i, : lengths[i]] = 1
-        positions[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-        targets[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1.0
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "positions": positions,
-        "targets": targets,
-        "mask": mask,
-    }
+def token_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) at temperature T for every completion token, (B, T) with token t of each
+    completion at column t, and its (B, T) mask.
 
-
-def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """log π(y_t | x, y_<t) at temperature T for every completion token: (B, T)."""
+    One forward pass shared with the rollout stage (`completion_logprobs`: left-padded rows, explicit
+    positions, only the completion positions through the LM head), re-aligned to the left here.
+    """
     device = next(model.parameters()).device
-    hidden = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits  # (B, L, V)
-    index = batch["positions"].to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, T, V)
-    logits = hidden.gather(1, index).float() / temperature  # (B, T, V): only the rows we need
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, batch["targets"].to(device).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    batch = LeftPadBatch(*(t.to(device) for t in left_pad_batch(prompts, completions, pad_id)))
+    right = completion_logprobs(model, batch, temperature)  # (B, C): completion i ends at column C
+    width = right.shape[1]
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    columns = torch.arange(width, device=device)
+    mask = columns.unsqueeze(0) < lengths.unsqueeze(1)  # (B, C)
+    index = ((width - lengths).unsqueeze(1) + columns.unsqueeze(0)).clamp(max=width - 1)
+    return right.gather(1, index), mask.float()
 
 
 def _padded(values: list[list[float]], depth: int) -> torch.Tensor:
@@ -102,17 +87,24 @@ def _micro_batches(order: np.ndarray, lengths: np.ndarray, config: TrainConfig) 
 def recompute_behaviour(
     model: torch.nn.Module, rows: pl.DataFrame, temperature: float, micro_batch_size: int, pad_id: int
 ) -> list[list[float]]:
-    """μ's per-token log-probs in the trainer's own numerics (model = checkpoint k, before any update)."""
+    """μ's per-token log-probs in the trainer's own numerics (model = checkpoint k, before any update).
+
+    Rows go through in order of length (less padding) and come back in their own order.
+    """
     model.eval()
-    out: list[list[float]] = []
     prompts, completions = rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list()
+    lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)])
+    order = np.argsort(lengths, kind="stable")
+    out: list[list[float]] = [[] for _ in prompts]
     with torch.no_grad():
-        for start in range(0, len(prompts), micro_batch_size):
-            batch = collate(
-                prompts[start : start + micro_batch_size], completions[start : start + micro_batch_size], pad_id
+        for start in range(0, len(order), micro_batch_size):
+            chunk = order[start : start + micro_batch_size]
+            logp, _ = token_logprobs(
+                model, [prompts[i] for i in chunk], [completions[i] for i in chunk], temperature, pad_id
             )
-            logp = token_logprobs(model, batch, temperature).cpu()
-            out += [logp[i, : len(c)].tolist() for i, c in enumerate(completions[start : start + micro_batch_size])]
+            logp = logp.cpu()
+            for j, i in enumerate(chunk):
+                out[i] = logp[j, : len(completions[i])].tolist()
     return out
 
 
@@ -230,13 +222,14 @@ def accumulate_gradients(
     num_tokens = int(sum(len(data.completions[i]) for m in micro_batches for i in m))
     step_loss, stats = 0.0, {k: [] for k in STAT_KEYS}
     for m in micro_batches:
-        batch = collate([data.prompts[i] for i in m], [data.completions[i] for i in m], pad_id)
-        logp = token_logprobs(model, batch, temperature)  # (b, T)
+        logp, mask = token_logprobs(
+            model, [data.prompts[i] for i in m], [data.completions[i] for i in m], temperature, pad_id
+        )  # (b, T)
         device = logp.device
         loss, s = loss_fn(
             logp,
             _padded([data.mu[i] for i in m], logp.shape[1]).to(device),
-            batch["mask"].to(device),
+            mask,
             data.advantage[m].to(device),
             data.weight[m].to(device),
             data.positive[m].to(device),

@@ -63,7 +63,7 @@ def derived_views() -> list[tuple[str, str]]:
 
 def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
     as_of = as_of or {}
-    lines = [f"-- asymre catalog of {resolve_store(store)}; regenerated after every commit", ""]
+    lines = [f"-- asymre catalog of {resolve_store(store)}; regenerated after each write", ""]
     lines += [table_view_sql(store, name, as_of.get(name)) for name in SCHEMAS]
     for name, query in derived_views():
         body = query.strip().rstrip(";")

@@ -52,12 +52,13 @@ def run_checks(
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Run the checks that apply to `stage` (all when None) on one partition; raise CheckFailed on bad rows."""
+    checks = [c for c in load_checks() if stage is None or c.stage in ("*", stage)]
+    if not checks:
+        return {}
     con = con or connect(store)
     params = {"experiment": experiment, "round": round, "reward_min": reward_range[0], "reward_max": reward_range[1]}
     failures = {}
-    for check in load_checks():
-        if stage is not None and check.stage not in ("*", stage):
-            continue
+    for check in checks:
         rows = query(con, check.query, bind(check.query, params))
         if rows.height:
             failures[check.name] = rows

@@ -27,6 +27,9 @@ STAGE_OUTPUT = {
 }
 
 
+COMPACT_EVERY = 20  # stage_runs commits between compactions
+
+
 def stage_key(stage: str, config: dict[str, Any], input_keys: list[str], code_version: str) -> str:
     """hash(stage name, the stage's config, its inputs' stage_keys, its code version), 16 hex chars."""
     payload = json.dumps(
@@ -69,7 +72,10 @@ def record_run(
         "created_at": datetime.now(timezone.utc),
     }
     frame = pl.DataFrame([row], schema_overrides={"round": pl.Int32, "rows": pl.Int64, "output_version": pl.Int64})
-    tables.append(store, "stage_runs", frame)
+    version = tables.append(store, "stage_runs", frame)
+    if version % COMPACT_EVERY == 0:
+        # one small file per run: without this, every stage's last_done reads a list that only grows
+        tables.compact(store, "stage_runs")
 
 
 def runs(store: str, experiment: str | None = None) -> pl.DataFrame:

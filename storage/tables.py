@@ -6,11 +6,13 @@ partition; readers see the previous version until the commit lands, and every ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +178,48 @@ def append(store: str, name: str, frame: pl.DataFrame | pa.Table, metadata: dict
     return committed
 
 
+# stores whose views.sql rewrite is held until the end of a `views_rewritten_once` block (value: dirty)
+_HELD: dict[str, bool] = {}
+
+
 def _after_commit(store: str) -> None:
+    root = resolve_store(store)
+    if root in _HELD:
+        _HELD[root] = True
+        return
     from storage.catalog import write_views_sql  # the catalog reads tables; import here to avoid a cycle
 
-    write_views_sql(store)
+    write_views_sql(root)
+
+
+@contextlib.contextmanager
+def views_rewritten_once(store: str) -> Iterator[None]:
+    """Commits inside the block rewrite `<store>/views.sql` once, when it ends (a stage commits several
+    times: its outputs, its lineage row). Readers of the tables themselves never wait for it."""
+    root = resolve_store(store)
+    if root in _HELD:  # nested: the outer block rewrites
+        yield
+        return
+    _HELD[root] = False
+    try:
+        yield
+    finally:
+        if _HELD.pop(root):
+            _after_commit(root)
+
+
+def compact(store: str, name: str) -> None:
+    """Rewrite the small files of `name`'s latest version into few (rows and old versions unchanged).
+
+    Best effort: a concurrent writer that wins the commit race leaves it for the next call."""
+    dt = open_table(store, name)
+    if dt is None:
+        return
+    try:
+        dt.optimize.compact()
+    except CommitFailedError:
+        return
+    _after_commit(store)
 
 
 def empty(name: str) -> pl.DataFrame:

@@ -18,7 +18,10 @@ from storage.checks import CheckFailed, load_checks, run_checks
 
 PARAMS = {"experiment": "a", "round": 0, "reward_min": 0.0, "reward_max": 1.0}
 STAGES = {
-    "duplicate_keys": "*",
+    "duplicate_advantages": "advantages",
+    "duplicate_rewards": "rewards",
+    "duplicate_rollouts": "rollouts",
+    "duplicate_train_set": "curation",
     "nonfinite_advantages": "advantages",
     "positive_logprobs": "rollouts",
     "reward_out_of_range": "rewards",
@@ -123,10 +126,10 @@ def _nonfinite_advantages(frames):
 
 DEFECTS = {
     # defect: (plant, the check that must see it, the bad rows' (prompt_id, sample_idx))
-    "duplicate rollouts": (_duplicate("rollouts"), "duplicate_keys", {("p1", 0)}),
-    "duplicate rewards": (_duplicate("rewards"), "duplicate_keys", {("p1", 0)}),
-    "duplicate advantages": (_duplicate("advantages"), "duplicate_keys", {("p1", 0)}),
-    "duplicate train_set": (_duplicate("train_set"), "duplicate_keys", {("p1", 0)}),
+    "duplicate rollouts": (_duplicate("rollouts"), "duplicate_rollouts", {("p1", 0)}),
+    "duplicate rewards": (_duplicate("rewards"), "duplicate_rewards", {("p1", 0)}),
+    "duplicate advantages": (_duplicate("advantages"), "duplicate_advantages", {("p1", 0)}),
+    "duplicate train_set": (_duplicate("train_set"), "duplicate_train_set", {("p1", 0)}),
     "positive or NaN log-probs": (_positive_logprobs, "positive_logprobs", {("p0", 1), ("p1", 0), ("p1", 2)}),
     "reward out of range or NaN": (_rewards_out_of_range, "reward_out_of_range", {("p0", 2), ("p1", 0), ("p1", 1)}),
     "rollout without reward": (_rollout_without_reward, "rollouts_without_reward", {("p1", 1)}),
@@ -145,12 +148,12 @@ def test_each_check_returns_exactly_the_planted_rows(store, defect):
     for name, rows in results.items():
         if name != check:
             assert rows.height == 0, (name, rows)  # each defect trips only its own check
-    if check == "duplicate_keys":
+    if check.startswith("duplicate_"):
         table = defect.split()[-1]
         assert results[check]["tbl"].to_list() == [table] and results[check]["copies"].to_list() == [2]
 
     with pytest.raises(CheckFailed) as err:
-        run_checks(store, experiment="a", round=0, stage=STAGES[check] if STAGES[check] != "*" else None)
+        run_checks(store, experiment="a", round=0, stage=STAGES[check])
     assert set(err.value.failures) == {check}
     assert f"check {check}: {len(bad)} bad rows" in str(err.value)
     for prompt_id, _ in bad:

@@ -19,6 +19,7 @@ from frames import (
     SMALL,
     advantages_frame,
     partition_of,
+    rewards_frame,
     rollouts_frame,
     train_set_frame,
 )
@@ -395,6 +396,36 @@ def test_completed_needs_the_last_done_run_and_the_rows_to_carry_the_key(store):
     assert runs["status"].to_list() == ["done", "failed", "done", "done", "done"]
     assert json.loads(runs["config"][0]) == CONFIG and json.loads(runs["input_versions"][0]) == {"rewards": 0}
     assert runs["round"].dtype == pl.Int32
+
+
+def test_stage_runs_are_compacted_as_they_grow_and_lose_nothing(store):
+    n = 2 * lineage.COMPACT_EVERY + 5
+    for i in range(n):
+        _record(store, f"K{i}", round=i % 3)
+    dt = tables.open_table(store, "stage_runs")
+    assert len(dt.file_uris()) < lineage.COMPACT_EVERY  # one file per run without compaction
+    runs = lineage.runs(store, "a")
+    assert runs["stage_key"].to_list() == [f"K{i}" for i in range(n)]  # every row, in the order recorded
+    assert lineage.last_done(store, "a", 1, "advantages")["stage_key"] == f"K{max(i for i in range(n) if i % 3 == 1)}"
+    # compaction commits carry no data change: the version of the 10th run still reads its 10 rows
+    assert any(h["operation"] == "OPTIMIZE" for h in tables.history(store, "stage_runs"))
+    assert tables.read(store, "stage_runs", version=9).height == 10
+
+
+def test_views_sql_is_rewritten_once_per_block(store):
+    views = Path(store) / "views.sql"
+    tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
+    before = views.read_text()
+    with tables.views_rewritten_once(store):
+        tables.write_partition(store, "advantages", advantages_frame("a", 0), partition={"experiment": "a", "round": 0})
+        _record(store, "K1")
+        assert views.read_text() == before  # held while the block runs
+    after = views.read_text()
+    assert "/advantages/" in after and "/stage_runs/" in after and "/advantages/" not in before
+    with pytest.raises(RuntimeError), tables.views_rewritten_once(store):
+        tables.write_partition(store, "advantages", advantages_frame("a", 1), partition={"experiment": "a", "round": 1})
+        raise RuntimeError("stage failed after writing")
+    assert "round=1" in views.read_text()  # a failing block still leaves views.sql current
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------

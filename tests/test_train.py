@@ -19,7 +19,6 @@ from stages.train import (
     RoundData,
     _row_tensors,
     accumulate_gradients,
-    collate,
     recompute_behaviour,
     token_logprobs,
     train_round,
@@ -54,9 +53,11 @@ def rows_for(tokenizer, n: int, seed: int = 0) -> pl.DataFrame:
 def test_token_logprobs_match_a_plain_forward_pass(tiny):
     model, tokenizer = tiny
     rows = rows_for(tokenizer, 5)
-    batch = collate(rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), tokenizer.pad_token_id)
+    prompts, completions = rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list()
     with torch.no_grad():
-        got = token_logprobs(model, batch, temperature=0.7)
+        got, mask = token_logprobs(model, prompts, completions, 0.7, tokenizer.pad_token_id)
+    assert mask.sum(1).tolist() == [len(c) for c in completions] and mask[:, 0].all()
+    with torch.no_grad():
         for i, (p, c) in enumerate(zip(rows["prompt_token_ids"], rows["completion_token_ids"])):
             ids = torch.tensor([list(p) + list(c)])
             logp = torch.log_softmax(model(input_ids=ids).logits[0] / 0.7, -1)
