@@ -51,8 +51,8 @@ def test_tiny_model_shape_and_save_load(tmp_path):
     n = sum(p.numel() for p in model.parameters())
     assert 750_000 < n < 850_000
     c = model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (128, 3, 2, 2)
-    assert c.hidden_size // c.num_attention_heads == 64 and model.model.layers[0].self_attn.head_dim == 64
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (128, 3, 4, 4)
+    assert c.hidden_size // c.num_attention_heads == 32 and model.model.layers[0].self_attn.head_dim == 32
     assert c.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert next(model.parameters()).dtype == torch.float32
     assert torch.equal(build_tiny_model(tok, seed=0).lm_head.weight, model.lm_head.weight)
