@@ -131,10 +131,9 @@ def instrument(ledger: Ledger) -> None:
 
 def seed_warm_start(source_store: Path, cfg) -> None:
     """Reuse the warm-start cache of another store for `cfg` (same model, prompts pool and seed)."""
-    from flows.round import _digest
+    from flows.round import warm_start_cache
 
-    seed = cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
-    target = Path(cfg.store) / "cache" / f"builtin-tiny-{_digest(cfg.model, cfg.prompts, seed)}"
+    target = warm_start_cache(cfg)
     caches = sorted((source_store / "cache").glob("builtin-tiny-*"))
     if caches and not target.exists():
         shutil.copytree(caches[0], target)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import progress
 from flows.config import ExperimentConfig
-from flows.materialize import Plan, StageRef, Writer, materialize
+from flows.materialize import Plan, StageRef, Writer, code_version, materialize
 from stages.advantage import advantages
 from stages.curate import curate
 from stages.evaluate import evaluate
@@ -75,9 +75,10 @@ def base_checkpoint(cfg: ExperimentConfig, plan: Plan, prompts: StageRef) -> Sta
         folder = checkpoints.checkpoint_dir(cfg.store, cfg.name, 0)
         if cfg.model.name == "builtin:tiny":
             seed = cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
-            cache = Path(cfg.store) / "cache" / f"builtin-tiny-{_digest(cfg.model, cfg.prompts, seed)}"
+            cache = warm_start_cache(cfg)
             train = read_prompts(cfg, "train")
-            with progress.REPORTER.stage("warm start (cached)", cfg.model.warm_start_steps) as bar:
+            label = "warm start (from the store's cache)" if cache.exists() else "warm start"
+            with progress.REPORTER.stage(label, cfg.model.warm_start_steps) as bar:
                 builtin_policy(
                     cache,
                     cfg.model,
@@ -261,6 +262,14 @@ def _section(section, **extra) -> dict:
 def _digest(*parts) -> str:
     text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def warm_start_cache(cfg: ExperimentConfig) -> Path:
+    """Where builtin:tiny's warm start for this config is cached in the store; keyed by the model code
+    too, so that a changed architecture never loads an old warm start."""
+    seed = cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
+    digest = _digest(cfg.model, cfg.prompts, seed, code_version("base"))
+    return Path(cfg.store) / "cache" / f"builtin-tiny-{digest}"
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
