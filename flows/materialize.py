@@ -118,57 +118,51 @@ def materialize(
     `plan_at` is where the stage sits for --from-stage (default: its own round and name); the evaluation
     of checkpoint j is recorded as round j but is the last step of round j − 1.
     """
-    with tables.views_rewritten_once(store):
-        return _materialize(store, experiment, stage, round, config, inputs, plan, produce, output_where,
-                            plan_at, reward_range, on_skip)  # fmt: skip
+    with tables.views_rewritten_once(store):  # one views.sql rewrite for the stage's commits
+        plan_round, plan_stage = plan_at or (round, stage)
+        table = OUTPUT_TABLE[stage]
+        where = output_where or {"experiment": experiment, "round": round}
+        version_code = code_version(stage)
+        key = lineage.stage_key(stage, config, [i.key for i in inputs], version_code)
+        input_versions = {i.table: i.version for i in inputs}
+        record = dict(
+            experiment=experiment, round=round, stage=stage, config=config, code_version=version_code,
+            input_versions=input_versions,
+        )  # fmt: skip
 
+        stored = lineage.last_done(store, experiment, round, stage)
+        if plan.reuse_as_stored(plan_stage, plan_round):
+            if stored is None:
+                raise StoredOutputMissing(
+                    f"--from-stage reuses {stage} of round {round} as stored, but it has no output; run without --from-stage"
+                )
+            key = stored["stage_key"]
+        if (
+            not plan.force(plan_stage, plan_round)
+            and stored is not None
+            and stored["stage_key"] == key
+            and lineage.output_holds(store, table, where, key, empty_ok=stored["rows"] == 0)
+        ):
+            ref = StageRef(stage, table, round, key, tables.version(store, table), stored["rows"], skipped=True)
+            lineage.record_run(store, key=key, rows=ref.rows, wall_s=0.0, status="skipped",
+                               output_version=ref.version, message="output already holds this stage_key", **record)  # fmt: skip
+            if on_skip:
+                on_skip(ref)
+            return ref
 
-def _materialize(store, experiment, stage, round, config, inputs, plan, produce, output_where, plan_at,
-                 reward_range, on_skip) -> StageRef:  # fmt: skip
-    plan_round, plan_stage = plan_at or (round, stage)
-    table = OUTPUT_TABLE[stage]
-    where = output_where or {"experiment": experiment, "round": round}
-    version_code = code_version(stage)
-    key = lineage.stage_key(stage, config, [i.key for i in inputs], version_code)
-    input_versions = {i.table: i.version for i in inputs}
-    record = dict(
-        experiment=experiment, round=round, stage=stage, config=config, code_version=version_code,
-        input_versions=input_versions,
-    )  # fmt: skip
-
-    stored = lineage.last_done(store, experiment, round, stage)
-    if plan.reuse_as_stored(plan_stage, plan_round):
-        if stored is None:
-            raise StoredOutputMissing(
-                f"--from-stage reuses {stage} of round {round} as stored, but it has no output; run without --from-stage"
-            )
-        key = stored["stage_key"]
-    if (
-        not plan.force(plan_stage, plan_round)
-        and stored is not None
-        and stored["stage_key"] == key
-        and lineage.output_holds(store, table, where, key, empty_ok=stored["rows"] == 0)
-    ):
-        ref = StageRef(stage, table, round, key, tables.version(store, table), stored["rows"], skipped=True)
-        lineage.record_run(store, key=key, rows=ref.rows, wall_s=0.0, status="skipped",
-                           output_version=ref.version, message="output already holds this stage_key", **record)  # fmt: skip
-        if on_skip:
-            on_skip(ref)
-        return ref
-
-    started = time.perf_counter()
-    writer = Writer(store, key)
-    try:
-        rows = produce(writer)
-        run_checks(store, experiment=experiment, round=round, stage=stage, reward_range=reward_range)
-    except Exception as err:
-        lineage.record_run(store, key=key, rows=0, wall_s=time.perf_counter() - started, status="failed",
-                           message=f"{type(err).__name__}: {err}"[:4000], **record)  # fmt: skip
-        raise
-    wall = time.perf_counter() - started
-    version = writer.versions.get(table, tables.version(store, table))
-    lineage.record_run(store, key=key, rows=rows, wall_s=wall, status="done", output_version=version, **record)
-    return StageRef(stage, table, round, key, version, rows, skipped=False, wall_s=wall)
+        started = time.perf_counter()
+        writer = Writer(store, key)
+        try:
+            rows = produce(writer)
+            run_checks(store, experiment=experiment, round=round, stage=stage, reward_range=reward_range)
+        except Exception as err:
+            lineage.record_run(store, key=key, rows=0, wall_s=time.perf_counter() - started, status="failed",
+                               message=f"{type(err).__name__}: {err}"[:4000], **record)  # fmt: skip
+            raise
+        wall = time.perf_counter() - started
+        version = writer.versions.get(table, tables.version(store, table))
+        lineage.record_run(store, key=key, rows=rows, wall_s=wall, status="done", output_version=version, **record)
+        return StageRef(stage, table, round, key, version, rows, skipped=False, wall_s=wall)
 
 
 __all__ = ["STAGES", "CheckFailed", "Plan", "StageRef", "StoredOutputMissing", "Writer", "materialize"]

@@ -74,7 +74,6 @@ def base_checkpoint(cfg: ExperimentConfig, plan: Plan, prompts: StageRef) -> Sta
     def produce(w: Writer) -> int:
         folder = checkpoints.checkpoint_dir(cfg.store, cfg.name, 0)
         if cfg.model.name == "builtin:tiny":
-            seed = cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
             cache = warm_start_cache(cfg)
             train = read_prompts(cfg, "train")
             label = "warm start (from the store's cache)" if cache.exists() else "warm start"
@@ -84,7 +83,7 @@ def base_checkpoint(cfg: ExperimentConfig, plan: Plan, prompts: StageRef) -> Sta
                     cfg.model,
                     cfg.prompts,
                     train,
-                    seed,
+                    warm_start_seed(cfg),
                     device(cfg),
                     lambda s, n, loss: bar(s, n, f"loss {loss:.3f}"),
                 )
@@ -264,11 +263,14 @@ def _digest(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def warm_start_seed(cfg: ExperimentConfig) -> int:
+    return cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
+
+
 def warm_start_cache(cfg: ExperimentConfig) -> Path:
     """Where builtin:tiny's warm start for this config is cached in the store; keyed by the model code
     too, so that a changed architecture never loads an old warm start."""
-    seed = cfg.model.warm_start_seed if cfg.model.warm_start_seed is not None else cfg.seed
-    digest = _digest(cfg.model, cfg.prompts, seed, code_version("base"))
+    digest = _digest(cfg.model, cfg.prompts, warm_start_seed(cfg), code_version("base"))
     return Path(cfg.store) / "cache" / f"builtin-tiny-{digest}"
 
 

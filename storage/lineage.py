@@ -73,7 +73,7 @@ def record_run(
     }
     frame = pl.DataFrame([row], schema_overrides={"round": pl.Int32, "rows": pl.Int64, "output_version": pl.Int64})
     version = tables.append(store, "stage_runs", frame)
-    if version % COMPACT_EVERY == 0:
+    if version and version % COMPACT_EVERY == 0:
         # one small file per run: without this, every stage's last_done reads a list that only grows
         tables.compact(store, "stage_runs")
 
