@@ -118,7 +118,7 @@ def instrument(ledger: Ledger) -> None:
         (tables, "append", "storage: write (conform, checks of the frame)"),
         (tables, "_commit", "storage: delta commit"),
         (catalog, "write_views_sql", "catalog: views.sql rewrite"),
-        (storage.checks, "connect", "catalog: connect (views over every table)"),
+        (storage.checks, "connect_partition", "catalog: connect (views of the checked partition)"),
         (flows.materialize, "run_checks", "checks"),
         (flows.materialize, "code_version", "lineage"),
         (lineage, "last_done", "lineage"),

@@ -231,12 +231,18 @@ def run(
         if verbose:
             raise
         fail(f"{type(err).__name__}: {err}\n(see `asymre status {cfg.name}`; rerun with -v for the traceback)")
-    _print_rounds(summaries)
+    _print_rounds(summaries, cfg.store, cfg.name)
     png, md = write_report(cfg.store)
     typer.echo(f"report: {png}\n        {md}")
 
 
-def _print_rounds(summaries: list[dict]) -> None:
+def _print_rounds(summaries: list[dict], store: str, experiment: str) -> None:
+    from flows.iterate import checkpoint_accuracy
+
+    greedy, sampled = checkpoint_accuracy(store, experiment, 0)
+    if greedy is not None:
+        shown = f"test greedy {greedy:.3f}" + (f", T=1 {sampled:.3f}" if sampled is not None else "")
+        typer.echo(f"checkpoint 0 (μ_0, before any round): {shown}; round k's test columns are checkpoint k+1's")
     typer.echo(
         f"{'round':>5} {'train reward':>12} {'test greedy':>11} {'test T=1':>9} {'p':>6} {'p~':>6} {'steps':>5} {'s':>6}"
     )

@@ -3,10 +3,13 @@ stage_key are skipped, so re-running continues where the experiment stands."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import polars as pl
 from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows import progress
 from flows.config import ExperimentConfig
@@ -23,10 +26,21 @@ def experiment_flow(cfg: ExperimentConfig, rounds: int | None = None, plan: Plan
     checkpoint, summaries = None, []
     for k in range(rounds):
         started = time.perf_counter()
-        checkpoint = round_flow(cfg, k, plan, checkpoint)
+        with _round_heartbeats():
+            checkpoint = round_flow(cfg, k, plan, checkpoint)
         summaries.append(round_summary(cfg.store, cfg.name, k, time.perf_counter() - started))
         progress.REPORTER.line(format_summary(summaries[-1]))
     return summaries
+
+
+def _round_heartbeats():
+    """Round subflows run without a heartbeat thread of their own unless the user sets
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY: the experiment flow around them keeps its heartbeat (what tells a
+    server that the process is alive), and Prefect 3.8's heartbeat thread sleeps in 1 s steps and is
+    joined when its flow ends, which made every round wait up to 1 s for nothing (bench/RESULTS.md §4)."""
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def completed_rounds(store: str, experiment: str) -> int:
@@ -44,15 +58,22 @@ def standing(store: str, experiment: str, rounds: int) -> str:
     return f"experiment {experiment}: rounds 0..{done - 1} complete (stage_runs); continuing at round {done}"
 
 
-def round_summary(store: str, experiment: str, k: int, seconds: float) -> dict:
-    """Round k in numbers: behaviour reward on its prompts, test accuracy of μ_{k+1}, p and p̃."""
-    rewards = tables.read(store, "rewards", experiment=experiment, round=k, columns=["reward"])
-    evals = tables.read(store, "evals", experiment=experiment, round=k + 1, columns=["mode", "correct"])
-    steps = tables.read(store, "train_steps", experiment=experiment, round=k)
+def checkpoint_accuracy(store: str, experiment: str, k: int) -> tuple[float | None, float | None]:
+    """Greedy and sampled test accuracy of checkpoint k (None where not evaluated)."""
+    evals = tables.read(store, "evals", experiment=experiment, round=k, columns=["mode", "correct"])
 
     def accuracy(mode: str) -> float | None:
         picked = evals.filter(pl.col("mode") == mode)["correct"]
         return float(picked.mean()) if picked.len() else None
+
+    return accuracy("greedy"), accuracy("sampled")
+
+
+def round_summary(store: str, experiment: str, k: int, seconds: float) -> dict:
+    """Round k in numbers: behaviour reward on its prompts, test accuracy of μ_{k+1}, p and p̃."""
+    rewards = tables.read(store, "rewards", experiment=experiment, round=k, columns=["reward"])
+    steps = tables.read(store, "train_steps", experiment=experiment, round=k)
+    greedy, sampled = checkpoint_accuracy(store, experiment, k + 1)
 
     def mean(col: str) -> float | None:
         return float(steps[col].mean()) if steps.height else None
@@ -61,8 +82,8 @@ def round_summary(store: str, experiment: str, k: int, seconds: float) -> dict:
         "experiment": experiment,
         "round": k,
         "train_reward": float(rewards["reward"].mean()) if rewards.height else None,
-        "test_greedy": accuracy("greedy"),
-        "test_sampled": accuracy("sampled"),
+        "test_greedy": greedy,
+        "test_sampled": sampled,
         "p": mean("positive_share"),
         "p_eff": mean("effective_positive_share"),
         "steps": steps.height,

@@ -39,11 +39,15 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def table_view_sql(store: str, name: str, version: int | None = None) -> str:
-    """CREATE VIEW for one table at `version` (latest by default); an empty typed view if unwritten."""
+def table_view_sql(store: str, name: str, version: int | None = None, where: dict | None = None) -> str:
+    """CREATE VIEW for one table at `version` (latest by default); an empty typed view if unwritten.
+
+    `where` (partition column → value) limits the view to the files of those partitions; columns the
+    table is not partitioned by are ignored."""
     schema = SCHEMAS[name]
     dt = open_table(store, name, version)
-    files = dt.file_uris() if dt is not None else []
+    filters = [(c, "=", str(v)) for c, v in (where or {}).items() if c in PARTITIONS[name]]
+    files = (dt.file_uris(partition_filters=filters) if filters else dt.file_uris()) if dt is not None else []
     if not files:
         cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in schema)
         return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false;"
@@ -75,6 +79,16 @@ def connect(store: str | None = None, as_of: dict[str, int] | None = None) -> du
     """An in-memory DuckDB connection with every table (optionally some at earlier versions) as a view."""
     con = duckdb.connect()
     con.execute(catalog_sql(resolve_store(store), as_of))
+    return con
+
+
+def connect_partition(store: str, names: list[str], where: dict) -> duckdb.DuckDBPyConnection:
+    """A connection with views over only the tables `names`, each limited to the partition `where`
+    (e.g. one experiment and round): what a check of one stage's output needs, at a cost that does not
+    grow with the store's history."""
+    root = resolve_store(store)
+    con = duckdb.connect()
+    con.execute("\n".join(table_view_sql(root, name, where=where) for name in names))
     return con
 
 

@@ -1,4 +1,9 @@
-"""Data checks: every query in sql/checks/ returns the offending rows; zero rows everywhere = pass."""
+"""Data checks: every query in sql/checks/ returns the offending rows; zero rows everywhere = pass.
+
+A check is about one partition: `run_checks` binds $experiment and $round and gives the queries views
+of only the tables they name, each holding only that partition's files (so its cost does not grow with
+the store's history). A check that wants other rounds or the views of sql/views/ must get its own
+connection (`con=`)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from storage.catalog import SQL_DIR, bind, connect, query
+from storage.catalog import SQL_DIR, bind, connect_partition, query, tables_named
 
 _STAGE = re.compile(r"^--\s*stage:\s*(\S+)", re.MULTILINE)
 
@@ -55,7 +60,9 @@ def run_checks(
     checks = [c for c in load_checks() if stage is None or c.stage in ("*", stage)]
     if not checks:
         return {}
-    con = con or connect(store)
+    if con is None:
+        named = sorted({table for check in checks for table in tables_named(check.query)})
+        con = connect_partition(store, named, {"experiment": experiment, "round": round})
     params = {"experiment": experiment, "round": round, "reward_min": reward_range[0], "reward_max": reward_range[1]}
     failures = {}
     for check in checks:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,14 +44,60 @@ def table_uri(store: str, name: str) -> str:
 def open_table(store: str, name: str, version: int | None = None) -> DeltaTable | None:
     """The Delta table (at `version`, default latest), or None when it was never written."""
     uri = table_uri(store, name)
+    if version is None:
+        return _latest(uri)
     try:
         return DeltaTable(uri, version=version)
     except TableNotFoundError:
         return None
     except Exception as err:  # delta-rs reports a missing version as a generic error
-        if version is not None and DeltaTable.is_deltatable(uri):
+        if DeltaTable.is_deltatable(uri):
             raise ValueError(f"table {name} has no version {version} (latest is {DeltaTable(uri).version()})") from err
         raise
+
+
+# Latest-version handles of local tables, kept per process and brought up to date with
+# update_incremental (reads only the log entries added since), instead of replaying the whole log on
+# every open: a round opens its tables some hundred times (reads, checks, views.sql, lineage). A handle
+# is dropped when the commit file of the version it holds is gone or another file (the table was
+# deleted and made again at the same path).
+_LATEST: dict[str, tuple[DeltaTable, int, tuple[int, int]]] = {}  # uri → (handle, version, stamp of its commit)
+_LATEST_LOCK = threading.Lock()
+
+
+def _commit_stamp(uri: str, version: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(Path(uri) / "_delta_log" / f"{version:020d}.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _latest(uri: str) -> DeltaTable | None:
+    if "://" in uri:  # object stores: no cheap way to tell a remade table apart; open afresh
+        try:
+            return DeltaTable(uri)
+        except TableNotFoundError:
+            return None
+    with _LATEST_LOCK:
+        held = _LATEST.pop(uri, None)
+        dt = None
+        if held is not None and _commit_stamp(uri, held[1]) == held[2]:
+            dt = held[0]
+            try:
+                dt.update_incremental()
+            except Exception:  # the log moved under the handle (e.g. cleaned up): open afresh
+                dt = None
+        if dt is None:
+            try:
+                dt = DeltaTable(uri)
+            except TableNotFoundError:
+                return None
+        version = dt.version()
+        stamp = _commit_stamp(uri, version)
+        if stamp is not None:
+            _LATEST[uri] = (dt, version, stamp)
+        return dt
 
 
 def _logical(t: pa.DataType) -> pa.DataType:
@@ -105,7 +152,7 @@ def _commit(uri: str, data: pa.Table, name: str, mode: str, predicate: str | Non
     for attempt in range(20):
         try:
             write_deltalake(
-                uri,
+                _latest(uri) or uri,  # the held handle spares delta-rs a replay of the log
                 data,
                 partition_by=PARTITIONS[name],
                 mode=mode,
@@ -123,7 +170,7 @@ def _commit(uri: str, data: pa.Table, name: str, mode: str, predicate: str | Non
 def _find_commit(uri: str, commit_id: str, name: str) -> int:
     """The version whose commit carries `commit_id`: other writers may have committed after ours, and
     history() numbers entries from its own snapshot, so read the log's commit files themselves."""
-    latest = DeltaTable(uri).version()
+    latest = _latest(uri).version()
     if "://" in uri:  # object stores: history is the only portable reader
         for commit in DeltaTable(uri).history(limit=256):
             if commit.get("asymre.commit_id") == commit_id:

@@ -13,7 +13,7 @@ import pytest
 from frames import advantages_frame, rewards_frame, rollouts_frame, train_set_frame
 
 from storage import tables
-from storage.catalog import bind, connect, query
+from storage.catalog import bind, connect, connect_partition, query
 from storage.checks import CheckFailed, load_checks, run_checks
 
 PARAMS = {"experiment": "a", "round": 0, "reward_min": 0.0, "reward_max": 1.0}
@@ -90,6 +90,24 @@ def test_checks_return_no_rows_on_good_data(store):
         assert rows.height == 0, (name, rows)
     for stage in (None, "rollouts", "rewards", "advantages", "curation"):
         assert run_checks(store, experiment="a", round=0, stage=stage) == {}
+
+
+def test_checks_see_only_their_partition(store):
+    """run_checks reads only the checked partition's files: a duplicate planted in a/1 (a commit that
+    never went through a check) does not fail the checks of a/0, and the partition views hold a/0 alone."""
+    write_round(store, good_round())
+    bad = good_round("a", 1)["rollouts"]
+    tables.write_partition(store, "rollouts", pl.concat([bad, bad.head(1)]), partition={"experiment": "a", "round": 1})
+    assert run_checks(store, experiment="a", round=0, stage="rollouts") == {}
+    with pytest.raises(CheckFailed, match="duplicate_rollouts"):
+        run_checks(store, experiment="a", round=1, stage="rollouts")
+    con = connect_partition(store, ["rollouts", "rewards", "evals"], {"experiment": "a", "round": 0})
+    seen = query(
+        con, "select distinct experiment, round from rollouts union select distinct experiment, round from rewards"
+    )
+    assert seen.rows() == [("a", 0)]
+    assert query(con, "select count(*) as n from evals")["n"][0] == 0  # never written: an empty typed view
+    assert query(con, "select count(*) as n from rollouts")["n"][0] == good_round()["rollouts"].height
 
 
 def _duplicate(table: str):

@@ -186,3 +186,33 @@ def test_configs_folder_loads():
         cfg = load_config(path)
         assert cfg.name == path.stem, path
     assert json.dumps(load_config(None).model_dump(mode="json"))
+
+
+def test_round_subflows_run_without_their_own_heartbeat(monkeypatch):
+    """experiment_flow calls each round's subflow with flow heartbeats off (Prefect 3.8 joins a thread
+    that sleeps in 1 s steps at the end of every flow), unless the user asked for heartbeats."""
+    from prefect.settings import get_current_settings
+
+    from flows import iterate
+
+    seen = []
+
+    def fake_round(cfg, k, plan, checkpoint):
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+        return checkpoint
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.setattr(iterate, "round_flow", fake_round)
+    monkeypatch.setattr(iterate, "round_summary", lambda store, name, k, seconds: {"round": k})
+    monkeypatch.setattr(iterate, "format_summary", lambda summary: "")
+    cfg = load_config(None, [*TINY, "store=unused", "name=hb"])
+    monkeypatch.setattr(iterate, "standing", lambda store, name, rounds: "")
+    iterate.experiment_flow.fn(cfg, 2)  # the body alone: no Prefect engine needed to see the settings
+    assert seen == [None, None]
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None  # outside the rounds, Prefect's own setting is untouched
+
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(default))
+    seen.clear()
+    iterate.experiment_flow.fn(cfg, 1)
+    assert seen == [default]

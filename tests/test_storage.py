@@ -323,6 +323,36 @@ def test_two_processes_write_different_experiments_at_once(store, tmp_path):
     assert returned == committed
 
 
+def test_latest_handle_follows_other_writers_and_a_remade_table(store):
+    """open_table keeps a per-process handle of each table's latest version: it must see commits made by
+    another process, and a table deleted and written again at the same path must not read as the old one."""
+    import shutil
+
+    tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
+    assert tables.version(store, "rewards") == 0
+    assert tables.open_table(store, "rewards") is tables.open_table(store, "rewards")  # the held handle
+    child = f"""
+import sys; sys.path[:0] = {[str(TESTS), str(REPO)]!r}
+from frames import rewards_frame
+from storage import tables
+tables.write_partition({store!r}, "rewards", rewards_frame("a", 1, n_prompts=3), partition={{"experiment": "a", "round": 1}})
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, env=child_env(), cwd=REPO, timeout=120)
+    assert tables.version(store, "rewards") == 1
+    assert (
+        tables.read(store, "rewards").height == rewards_frame("a", 0).height + rewards_frame("a", 1, n_prompts=3).height
+    )
+
+    shutil.rmtree(Path(store) / "tables" / "rewards")
+    assert tables.open_table(store, "rewards") is None
+    tables.write_partition(store, "rewards", rewards_frame("b", 0), partition={"experiment": "b", "round": 0})
+    tables.write_partition(store, "rewards", rewards_frame("b", 1), partition={"experiment": "b", "round": 1})
+    shutil.rmtree(Path(store) / "tables" / "rewards")  # remade again, now at a lower version than the handle's
+    tables.write_partition(store, "rewards", rewards_frame("c", 0), partition={"experiment": "c", "round": 0})
+    assert tables.version(store, "rewards") == 0
+    assert tables.read(store, "rewards")["experiment"].unique().to_list() == ["c"]
+
+
 # --- lineage ---------------------------------------------------------------------------------------------
 
 CONFIG = {"baseline": "group_mean", "delta_v": -0.1}
