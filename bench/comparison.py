@@ -46,7 +46,7 @@ DESCRIBE = {
 _PER_EXPERIMENT = """
 with ev as (select * from eval_summary),
      rs as (select * from round_summary),
-     last as (select experiment, max(round) as k from ev group by experiment),
+     last as (select experiment, least(max(round), $at) as k from ev group by experiment),
      first_rollouts as (select experiment, min(round) as r0, max(round) as r1 from rs group by experiment)
 select
     l.experiment, l.k,
@@ -59,7 +59,7 @@ join ev as e0 on e0.experiment = l.experiment and e0.round = 0
 join ev as ek on ek.experiment = l.experiment and ek.round = l.k
 join first_rollouts as f on f.experiment = l.experiment
 join rs as s0 on s0.experiment = l.experiment and s0.round = f.r0
-join rs as s1 on s1.experiment = l.experiment and s1.round = f.r1
+join rs as s1 on s1.experiment = l.experiment and s1.round = least(f.r1, l.k - 1)
 order by l.experiment
 """
 
@@ -112,8 +112,10 @@ def run_all(store: str, configs: list[str], seeds: list[int], jobs: int, rounds:
     return ok
 
 
-def per_experiment(store: str) -> pl.DataFrame:
-    frame = query(connect(store), _PER_EXPERIMENT)
+def per_experiment(store: str, at: int | None = None) -> pl.DataFrame:
+    """Per experiment: checkpoint 0 and checkpoint `at` (default: the last evaluated), and μ's success
+    rate in round 0 and in the round that trained that checkpoint."""
+    frame = query(connect(store), _PER_EXPERIMENT, {"at": 1_000_000 if at is None else at})
     parts = frame["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
     return frame.with_columns(config=parts.struct.field("config"), seed=parts.struct.field("seed").cast(pl.Int64))
 
@@ -128,7 +130,7 @@ def _mean_std(values: list[float], scale: float = 100.0, signed: bool = False) -
 
 def summary_markdown(frame: pl.DataFrame, configs: list[str]) -> str:
     lines = [
-        "| config | seeds | last k | greedy k=0 → last | Δ greedy (points) | Δ T=1 (points) | μ's success rate, first → last round | completion tokens, last round |",
+        "| config | seeds | k | greedy k=0 → k | Δ greedy (points) | Δ T=1 (points) | μ's success rate, round 0 → k−1 | completion tokens, round k−1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
@@ -150,7 +152,7 @@ def summary_markdown(frame: pl.DataFrame, configs: list[str]) -> str:
         "",
         "Per experiment:",
         "",
-        "| experiment | k | greedy k=0 → k | Δ greedy | T=1 k=0 → k | Δ T=1 | μ success first → last round | completion tokens first → last |",
+        "| experiment | k | greedy k=0 → k | Δ greedy | T=1 k=0 → k | Δ T=1 | μ success round 0 → k−1 | completion tokens round 0 → k−1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in frame.sort("config", "seed").iter_rows(named=True):
@@ -164,34 +166,44 @@ def summary_markdown(frame: pl.DataFrame, configs: list[str]) -> str:
 
 
 def plot(store: str, configs: list[str], target: Path) -> None:
-    """Mean greedy test accuracy by checkpoint per config, with the min–max band over seeds."""
+    """Per config, the mean over seeds by checkpoint k (band: min–max over seeds): greedy and sampled test
+    accuracy of μ_k, and the success rate of μ_k's own samples on its round's training prompts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = query(connect(store), "select experiment, round, greedy_accuracy, sampled_accuracy from eval_summary")
-    parts = curves["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
-    curves = curves.with_columns(config=parts.struct.field("config")).filter(pl.col("config").is_in(configs))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
-    for ax, col, title in ((axes[0], "greedy_accuracy", "greedy"), (axes[1], "sampled_accuracy", "sampled, T = 1")):
-        for config in configs:
-            rows = curves.filter(pl.col("config") == config)
+    con = connect(store)
+    evals = query(con, "select experiment, round, greedy_accuracy, sampled_accuracy from eval_summary")
+    behaviour = query(con, "select experiment, round, share_correct from round_summary")
+    panels = [
+        (evals, "greedy_accuracy", "test accuracy, greedy"),
+        (evals, "sampled_accuracy", "test accuracy, sampled (T = 1)"),
+        (behaviour, "share_correct", "μ_k's success rate on its round's prompts"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, (frame, col, title) in zip(axes, panels):
+        parts = frame["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
+        frame = frame.with_columns(config=parts.struct.field("config"))
+        for i, config in enumerate(configs):
+            rows = frame.filter(pl.col("config") == config)
             if rows.is_empty():
                 continue
             agg = (
                 rows.group_by("round")
-                .agg(mean=pl.col(col).mean(), lo=pl.col(col).min(), hi=pl.col(col).max(), n=pl.len())
+                .agg(mean=pl.col(col).mean(), lo=pl.col(col).min(), hi=pl.col(col).max())
                 .sort("round")
             )
             seeds = rows["experiment"].n_unique()
-            line = ax.plot(agg["round"], agg["mean"] * 100, marker="o", ms=3, label=f"{config} ({seeds} seeds)")[0]
-            ax.fill_between(agg["round"], agg["lo"] * 100, agg["hi"] * 100, color=line.get_color(), alpha=0.15)
-        ax.set_title(f"test accuracy ({title}): mean over seeds, band = min–max")
+            color = f"C{i}"
+            ax.plot(agg["round"], agg["mean"] * 100, marker="o", ms=3, color=color, label=f"{config} ({seeds} seeds)")
+            ax.fill_between(agg["round"], agg["lo"] * 100, agg["hi"] * 100, color=color, alpha=0.12)
+        ax.set_title(title)
         ax.set_xlabel("checkpoint k")
+        ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy on 500 held-out problems (%)")
-    axes[1].legend(fontsize=8, loc="upper left")
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("built-in task: mean over seeds (band: min–max over seeds)")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
@@ -206,6 +218,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per experiment")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per experiment (default: the config's)")
     parser.add_argument("--summary-only", action="store_true", help="summarise what the store holds; run nothing")
+    parser.add_argument("--at", type=int, default=None, help="summarise checkpoint K (default: each one's last)")
     args = parser.parse_args()
     store = resolve_store(args.store)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -218,11 +231,11 @@ def main() -> int:
         started = time.perf_counter()
         ok = run_all(store, configs, seeds, args.jobs, args.rounds, args.threads)
         print(f"all runs: {time.perf_counter() - started:.0f} s", flush=True)
-    frame = per_experiment(store)
+    frame = per_experiment(store, args.at)
     text = summary_markdown(frame, [c for c in configs if c in set(frame["config"].to_list())])
     reports = Path(store) / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "comparison.md").write_text(text)
+    (reports / f"comparison{'' if args.at is None else f'-k{args.at}'}.md").write_text(text)
     plot(store, configs, reports / "comparison.png")
     print(text)
     print(f"written: {reports / 'comparison.md'}, {reports / 'comparison.png'}")

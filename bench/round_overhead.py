@@ -69,8 +69,11 @@ class Ledger:
         return timed
 
     def patch(self, module, name: str, category: str, *importers) -> None:
-        """Wrap module.name, and the same function where an importer holds it by name."""
-        original = getattr(module, name)
+        """Wrap module.name, and the same function where an importer holds it by name (if the module has it:
+        the script also times older checkouts of the code, through PYTHONPATH)."""
+        original = getattr(module, name, None)
+        if original is None:
+            return
         wrapped = self.wrap(category, original)
         setattr(module, name, wrapped)
         for importer in importers:
@@ -119,6 +122,7 @@ def instrument(ledger: Ledger) -> None:
         (tables, "_commit", "storage: delta commit"),
         (catalog, "write_views_sql", "catalog: views.sql rewrite"),
         (storage.checks, "connect_partition", "catalog: connect (views of the checked partition)"),
+        (storage.checks, "connect", "catalog: connect (views over every table)"),  # before 2026-12-01
         (flows.materialize, "run_checks", "checks"),
         (flows.materialize, "code_version", "lineage"),
         (lineage, "last_done", "lineage"),
@@ -130,13 +134,16 @@ def instrument(ledger: Ledger) -> None:
 
 
 def seed_warm_start(source_store: Path, cfg) -> None:
-    """Reuse the warm-start cache of another store for `cfg` (same model, prompts pool and seed)."""
+    """Reuse the warm-start cache of another store for `cfg`: the one of the same key, or the store's only
+    one (its settings do not depend on prompts.per_round; builtin_policy refuses a cache made otherwise)."""
     from flows.round import warm_start_cache
 
     target = warm_start_cache(cfg)
     caches = sorted((source_store / "cache").glob("builtin-tiny-*"))
-    if caches and not target.exists():
-        shutil.copytree(caches[0], target)
+    source = source_store / "cache" / target.name
+    source = source if source.is_dir() else (caches[0] if len(caches) == 1 else None)
+    if source is not None and not target.exists():
+        shutil.copytree(source, target)
 
 
 def run_scale(per_round: int, rounds: int, root: Path, extra: list[str], ledger: Ledger, warm_from: Path | None):
@@ -231,6 +238,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="pyinstrument the last round of the first scale")
     parser.add_argument("--keep", action="store_true", help="keep the stores (printed) for inspection")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a loaded box)")
+    parser.add_argument(
+        "--warm-from",
+        type=Path,
+        default=None,
+        help="a store whose warm-start cache fits (e.g. of `asymre run`): skip it",
+    )
     args = parser.parse_args()
     import torch
 
@@ -246,7 +259,7 @@ def main() -> None:
     ledger = Ledger()
     instrument(ledger)
     root = Path(tempfile.mkdtemp(prefix="asymre-bench-round-"))
-    results, first_store = [], None
+    results, first_store = [], args.warm_from
     profiler = None
     try:
         for i, per_round in enumerate(scales):

@@ -188,7 +188,7 @@ class EvalConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = Field("default", description="experiment name: letters, digits, '-', '_' and '.'")
     store: str = Field("./store", description="store root (path or URI)")
-    rounds: int = Field(8, ge=1, description="number of rounds N (checkpoints 0..N)")
+    rounds: int = Field(10, ge=1, description="number of rounds N (checkpoints 0..N)")
     seed: int = Field(0, description="seed of the whole experiment")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for training and hf generation")
     prompts: PromptsConfig = PromptsConfig()

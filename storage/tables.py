@@ -42,7 +42,10 @@ def table_uri(store: str, name: str) -> str:
 
 
 def open_table(store: str, name: str, version: int | None = None) -> DeltaTable | None:
-    """The Delta table (at `version`, default latest), or None when it was never written."""
+    """The Delta table (at `version`, default latest), or None when it was never written.
+
+    The latest-version handle of a local table is shared within the process and moves on at the next
+    call: read what you need from it (version, files) right away, or pin a version."""
     uri = table_uri(store, name)
     if version is None:
         return _latest(uri)
