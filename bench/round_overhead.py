@@ -160,11 +160,11 @@ def run_scale(per_round: int, rounds: int, root: Path, extra: list[str], ledger:
     per_round_rows = []
     original = flows.iterate.round_flow
 
-    def timed_round(cfg_, k, plan, checkpoint):
+    def timed_round(cfg_, k, *rest):  # rest: plan, checkpoint (and prompts, since 2026-12-01)
         outer0, inner0 = ledger.snapshot()
         began = datetime.now(timezone.utc)
         started = time.perf_counter()
-        result = original(cfg_, k, plan, checkpoint)
+        result = original(cfg_, k, *rest)
         wall = time.perf_counter() - started
         outer1, inner1 = ledger.snapshot()
         per_round_rows.append(

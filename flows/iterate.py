@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from flows import progress
 from flows.config import ExperimentConfig
 from flows.materialize import Plan
-from flows.round import round_flow
+from flows.round import prompts_table, round_flow
 from storage import lineage, tables
 
 
@@ -24,10 +24,11 @@ def experiment_flow(cfg: ExperimentConfig, rounds: int | None = None, plan: Plan
     rounds = cfg.rounds if rounds is None else rounds
     progress.REPORTER.line(standing(cfg.store, cfg.name, rounds))
     checkpoint, summaries = None, []
+    prompts = prompts_table(cfg, plan)  # the experiment's prompt pool: once per run, not once per round
     for k in range(rounds):
         started = time.perf_counter()
         with _round_heartbeats():
-            checkpoint = round_flow(cfg, k, plan, checkpoint)
+            checkpoint = round_flow(cfg, k, plan, checkpoint, prompts)
         summaries.append(round_summary(cfg.store, cfg.name, k, time.perf_counter() - started))
         progress.REPORTER.line(format_summary(summaries[-1]))
     return summaries

@@ -34,9 +34,18 @@ TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @flow(name="asymre-round", flow_run_name="{cfg.name}-round-{k}", persist_result=False, validate_parameters=False)
-def round_flow(cfg: ExperimentConfig, k: int, plan: Plan = Plan(), checkpoint: StageRef | None = None) -> StageRef:
-    """Round k: sample from μ_k, verify, score, curate, train π from μ_k, evaluate μ_{k+1}."""
-    prompts = prompts_table(cfg, plan)
+def round_flow(
+    cfg: ExperimentConfig,
+    k: int,
+    plan: Plan = Plan(),
+    checkpoint: StageRef | None = None,
+    prompts: StageRef | None = None,
+) -> StageRef:
+    """Round k: sample from μ_k, verify, score, curate, train π from μ_k, evaluate μ_{k+1}.
+
+    `prompts` and `checkpoint` (μ_k) come from the experiment flow after its first round; a round run on
+    its own materialises (or skips) them itself."""
+    prompts = prompts or prompts_table(cfg, plan)
     checkpoint = checkpoint or base_checkpoint(cfg, plan, prompts)
     if k == 0:
         evals_table(cfg, plan, 0, checkpoint, prompts)

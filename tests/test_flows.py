@@ -197,12 +197,13 @@ def test_round_subflows_run_without_their_own_heartbeat(monkeypatch):
 
     seen = []
 
-    def fake_round(cfg, k, plan, checkpoint):
+    def fake_round(cfg, k, plan, checkpoint, prompts):
         seen.append(get_current_settings().flows.heartbeat_frequency)
         return checkpoint
 
     monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
     monkeypatch.setattr(iterate, "round_flow", fake_round)
+    monkeypatch.setattr(iterate, "prompts_table", lambda cfg, plan: None)
     monkeypatch.setattr(iterate, "round_summary", lambda store, name, k, seconds: {"round": k})
     monkeypatch.setattr(iterate, "format_summary", lambda summary: "")
     cfg = load_config(None, [*TINY, "store=unused", "name=hb"])
