@@ -73,14 +73,46 @@ def record_run(
     }
     frame = pl.DataFrame([row], schema_overrides={"round": pl.Int32, "rows": pl.Int64, "output_version": pl.Int64})
     version = tables.append(store, "stage_runs", frame)
+    _extend_cache(store, version, frame)
     if version and version % COMPACT_EVERY == 0:
         # one small file per run: without this, every stage's last_done reads a list that only grows
         tables.compact(store, "stage_runs")
+        _CACHE.pop(tables.table_uri(store, "stage_runs"), None)
+
+
+# Every row of stage_runs as this process last saw it, keyed by the table's snapshot: a round asks
+# `last_done` once per stage, and re-reading the table's files each time cost more than the stage
+# bookkeeping itself. A row this process appends extends the cached copy when its commit directly
+# follows the cached version; any other change (another writer, a compaction) means a fresh read.
+_CACHE: dict[str, tuple[tuple, pl.DataFrame]] = {}
+
+
+def _all_runs(store: str) -> pl.DataFrame:
+    snapshot = tables.snapshot_id(store, "stage_runs")
+    uri = tables.table_uri(store, "stage_runs")
+    held = _CACHE.get(uri)
+    if snapshot is not None and held is not None and held[0] == snapshot:
+        return held[1]
+    frame = tables.read(store, "stage_runs", version=snapshot[0] if snapshot else None)
+    if snapshot is not None:
+        _CACHE[uri] = (snapshot, frame)
+    return frame
+
+
+def _extend_cache(store: str, version: int, row: pl.DataFrame) -> None:
+    uri = tables.table_uri(store, "stage_runs")
+    held = _CACHE.pop(uri, None)
+    snapshot = tables.snapshot_id(store, "stage_runs")
+    if held is None or snapshot is None or held[0][0] != version - 1 or snapshot[0] != version:
+        return
+    _CACHE[uri] = (snapshot, pl.concat([held[1], pl.from_arrow(tables.conform(row, "stage_runs"))]))
 
 
 def runs(store: str, experiment: str | None = None) -> pl.DataFrame:
-    where = {} if experiment is None else {"experiment": experiment}
-    return tables.read(store, "stage_runs", **where).sort("created_at")
+    frame = _all_runs(store)
+    if experiment is not None:
+        frame = frame.filter(pl.col("experiment") == experiment)
+    return frame.sort("created_at")
 
 
 def last_done(store: str, experiment: str, round: int, stage: str) -> dict | None:

@@ -103,6 +103,20 @@ def _latest(uri: str) -> DeltaTable | None:
         return dt
 
 
+def snapshot_id(store: str, name: str) -> tuple[int, int, int] | None:
+    """(version, and the identity of its commit file) of a local table's latest version, to key caches
+    of what was read from it; None for object stores and tables not written yet (nothing to cache)."""
+    uri = table_uri(store, name)
+    if "://" in uri:
+        return None
+    dt = _latest(uri)
+    if dt is None:
+        return None
+    version = dt.version()
+    stamp = _commit_stamp(uri, version)
+    return None if stamp is None else (version, *stamp)
+
+
 def _logical(t: pa.DataType) -> pa.DataType:
     """Collapse physical variants (large/view strings and lists) that polars and Arrow produce."""
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):

@@ -442,6 +442,32 @@ def test_stage_runs_are_compacted_as_they_grow_and_lose_nothing(store):
     assert tables.read(store, "stage_runs", version=9).height == 10
 
 
+def test_lineage_runs_cache_matches_the_table_and_sees_other_writers(store):
+    """lineage.runs keeps this process's copy of stage_runs and extends it with its own appends; it must
+    read exactly what a fresh read of the table gives, and notice a row another process appended."""
+
+    def fresh() -> list[str]:
+        frame = pl.from_arrow(tables.open_table(store, "stage_runs").to_pyarrow_dataset().to_table())
+        return frame.filter(pl.col("experiment") == "a").sort("created_at")["stage_key"].to_list()
+
+    for i in range(lineage.COMPACT_EVERY + 3):  # across one compaction
+        _record(store, f"K{i}")
+        assert lineage.runs(store, "a")["stage_key"].to_list() == fresh()
+    assert_frame_equal(
+        lineage.runs(store),
+        pl.from_arrow(tables.open_table(store, "stage_runs").to_pyarrow_dataset().to_table()).sort("created_at"),
+    )
+    child = f"""
+import sys; sys.path[:0] = {[str(REPO)]!r}
+from storage import lineage
+lineage.record_run({store!r}, experiment="a", round=0, stage="rewards", key="from-another-process", config={{}},
+                   code_version="c", rows=1, wall_s=0.0, status="done")
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, env=child_env(), cwd=REPO, timeout=120)
+    assert lineage.runs(store, "a")["stage_key"].to_list()[-1] == "from-another-process"
+    assert lineage.last_done(store, "a", 0, "rewards")["stage_key"] == "from-another-process"
+
+
 def test_views_sql_is_rewritten_once_per_block(store):
     views = Path(store) / "views.sql"
     tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
