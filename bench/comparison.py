@@ -202,9 +202,10 @@ def plot(store: str, configs: list[str], target: Path) -> None:
         ax.set_xlabel("checkpoint k")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle("built-in task: mean over seeds (band: min–max over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(target, dpi=110)
     plt.close(fig)
 
