@@ -38,7 +38,7 @@ def _round_heartbeats():
     """Round subflows run without a heartbeat thread of their own unless the user sets
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: the experiment flow around them keeps its heartbeat (what tells a
     server that the process is alive), and Prefect 3.8's heartbeat thread sleeps in 1 s steps and is
-    joined when its flow ends, which made every round wait up to 1 s for nothing (bench/RESULTS.md §4)."""
+    joined when its flow ends, which added a second or more to every round (bench/RESULTS.md §7)."""
     if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
         return contextlib.nullcontext()
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
