@@ -64,6 +64,12 @@ order by l.experiment
 """
 
 
+def with_config(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add `config` and `seed`, parsed from experiment names of the form <config>-s<seed>."""
+    parts = frame["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
+    return frame.with_columns(config=parts.struct.field("config"), seed=parts.struct.field("seed").cast(pl.Int64))
+
+
 def run_one(store: str, config: str, seed: int, rounds: int | None, threads: int) -> tuple[str, int, float]:
     name = f"{config}-s{seed}"
     logs = Path(store) / "logs"
@@ -115,9 +121,7 @@ def run_all(store: str, configs: list[str], seeds: list[int], jobs: int, rounds:
 def per_experiment(store: str, at: int | None = None) -> pl.DataFrame:
     """Per experiment: checkpoint 0 and checkpoint `at` (default: the last evaluated), and μ's success
     rate in round 0 and in the round that trained that checkpoint."""
-    frame = query(connect(store), _PER_EXPERIMENT, {"at": 1_000_000 if at is None else at})
-    parts = frame["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
-    return frame.with_columns(config=parts.struct.field("config"), seed=parts.struct.field("seed").cast(pl.Int64))
+    return with_config(query(connect(store), _PER_EXPERIMENT, {"at": 1_000_000 if at is None else at}))
 
 
 def _mean_std(values: list[float], scale: float = 100.0, signed: bool = False) -> str:
@@ -183,8 +187,7 @@ def plot(store: str, configs: list[str], target: Path) -> None:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for ax, (frame, col, title) in zip(axes, panels):
-        parts = frame["experiment"].str.extract_groups(r"^(?<config>.+)-s(?<seed>\d+)$")
-        frame = frame.with_columns(config=parts.struct.field("config"))
+        frame = with_config(frame)
         for i, config in enumerate(configs):
             rows = frame.filter(pl.col("config") == config)
             if rows.is_empty():
@@ -236,10 +239,11 @@ def main() -> int:
     text = summary_markdown(frame, [c for c in configs if c in set(frame["config"].to_list())])
     reports = Path(store) / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"comparison{'' if args.at is None else f'-k{args.at}'}.md").write_text(text)
+    table = reports / f"comparison{'' if args.at is None else f'-k{args.at}'}.md"
+    table.write_text(text)
     plot(store, configs, reports / "comparison.png")
     print(text)
-    print(f"written: {reports / 'comparison.md'}, {reports / 'comparison.png'}")
+    print(f"written: {table}, {reports / 'comparison.png'}")
     return 0 if ok else 1
 
 

@@ -47,7 +47,7 @@ def table_view_sql(store: str, name: str, version: int | None = None, where: dic
     schema = SCHEMAS[name]
     dt = open_table(store, name, version)
     filters = [(c, "=", str(v)) for c, v in (where or {}).items() if c in PARTITIONS[name]]
-    files = (dt.file_uris(partition_filters=filters) if filters else dt.file_uris()) if dt is not None else []
+    files = [] if dt is None else dt.file_uris(partition_filters=filters or None)
     if not files:
         cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in schema)
         return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false;"

@@ -76,8 +76,7 @@ def record_run(
     _extend_cache(store, version, frame)
     if version and version % COMPACT_EVERY == 0:
         # one small file per run: without this, every stage's last_done reads a list that only grows
-        tables.compact(store, "stage_runs")
-        _CACHE.pop(tables.table_uri(store, "stage_runs"), None)
+        tables.compact(store, "stage_runs")  # a new version: the cached copy no longer matches and is re-read
 
 
 # Every row of stage_runs as this process last saw it, keyed by the table's snapshot: a round asks
@@ -93,7 +92,9 @@ def _all_runs(store: str) -> pl.DataFrame:
     held = _CACHE.get(uri)
     if snapshot is not None and held is not None and held[0] == snapshot:
         return held[1]
-    frame = tables.read(store, "stage_runs", version=snapshot[0] if snapshot else None)
+    # the latest version through the held handle (no log replay); if a writer slipped in after the
+    # snapshot, the copy is newer than its key, and the next call's snapshot differs: read again
+    frame = tables.read(store, "stage_runs")
     if snapshot is not None:
         _CACHE[uri] = (snapshot, frame)
     return frame

@@ -82,6 +82,14 @@ def _latest(uri: str) -> DeltaTable | None:
             return DeltaTable(uri)
         except TableNotFoundError:
             return None
+    entry = _latest_entry(uri)
+    return None if entry is None else entry[0]
+
+
+def _latest_entry(uri: str) -> tuple[DeltaTable, int, tuple[int, int] | None] | None:
+    """(handle, version, stamp of that version's commit file) of a local table, brought up to date and
+    held for the next call; None if unwritten. A version without a commit file (log cleaned up) has no
+    stamp, so its handle is not held."""
     with _LATEST_LOCK:
         held = _LATEST.pop(uri, None)
         dt = None
@@ -100,21 +108,17 @@ def _latest(uri: str) -> DeltaTable | None:
         stamp = _commit_stamp(uri, version)
         if stamp is not None:
             _LATEST[uri] = (dt, version, stamp)
-        return dt
+        return dt, version, stamp
 
 
 def snapshot_id(store: str, name: str) -> tuple[int, int, int] | None:
     """(version, and the identity of its commit file) of a local table's latest version, to key caches
     of what was read from it; None for object stores and tables not written yet (nothing to cache)."""
     uri = table_uri(store, name)
-    if "://" in uri:
+    entry = None if "://" in uri else _latest_entry(uri)
+    if entry is None or entry[2] is None:
         return None
-    dt = _latest(uri)
-    if dt is None:
-        return None
-    version = dt.version()
-    stamp = _commit_stamp(uri, version)
-    return None if stamp is None else (version, *stamp)
+    return entry[1], *entry[2]
 
 
 def _logical(t: pa.DataType) -> pa.DataType:
