@@ -58,8 +58,8 @@ def build_store(store: str, n_prompts: int) -> dict[str, float]:
 
 def pipeline(store: str) -> dict[str, float]:
     """The two stages as the round runs them, with read/compute/write/views.sql/checks timed apart."""
-    from flows.config import AdvantageConfig, CurationConfig
     from stages.advantage import advantages
+    from stages.config import AdvantageConfig, CurationConfig
     from stages.curate import curate
     from storage import catalog, tables
     from storage.checks import run_checks
@@ -167,7 +167,7 @@ def polars_checks(frames: list[pl.DataFrame], advantages: pl.DataFrame | None) -
 
 
 def in_memory(rewards: pl.DataFrame, meta: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    from flows.config import AdvantageConfig, CurationConfig
+    from stages.config import AdvantageConfig, CurationConfig
 
     a = AdvantageConfig()
     adv = polars_advantages(rewards, a.baseline_mode, a.delta_v, a.constant)

@@ -17,7 +17,7 @@ import argparse
 import torch
 from measure import alternate, median, print_machine, print_table
 
-from flows.config import PromptsConfig, RolloutConfig
+from stages.config import PromptsConfig, RolloutConfig
 from stages.models import build_tiny_model, build_tiny_tokenizer
 from stages.prompts import builtin_prompts, render_prompts, sample_round_prompts
 from stages.rollout import derived_seed, generate_rollouts

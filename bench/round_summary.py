@@ -26,8 +26,8 @@ VIEW = "select * from round_summary"
 
 
 def write_round(store: str, k: int, n_prompts: int) -> float:
-    from flows.config import AdvantageConfig
     from stages.advantage import advantages
+    from stages.config import AdvantageConfig
     from storage import tables
 
     started = time.perf_counter()

@@ -27,8 +27,8 @@ import polars as pl
 import torch
 from measure import alternate, child, current_rss_mb, median, peak_rss_mb, print_machine, print_table, reset_peak
 
-from flows.config import AdvantageConfig, CurationConfig, PromptsConfig, RolloutConfig, TrainConfig
 from stages.advantage import advantages
+from stages.config import AdvantageConfig, CurationConfig, PromptsConfig, RolloutConfig, TrainConfig
 from stages.curate import curate
 from stages.models import build_tiny_model, build_tiny_tokenizer
 from stages.prompts import builtin_prompts, render_prompts, sample_round_prompts

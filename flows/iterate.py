@@ -12,9 +12,9 @@ from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows import progress
-from flows.config import ExperimentConfig
 from flows.materialize import Plan
 from flows.round import prompts_table, round_flow
+from stages.config import ExperimentConfig
 from storage import lineage, tables
 
 

@@ -15,9 +15,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import progress
-from flows.config import ExperimentConfig
 from flows.materialize import Plan, StageRef, Writer, code_version, materialize
 from stages.advantage import advantages
+from stages.config import ExperimentConfig
 from stages.curate import curate
 from stages.evaluate import evaluate
 from stages.models import WARM_START_RECORD, builtin_policy, load_policy

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from flows.config import AdvantageConfig
+from stages.config import AdvantageConfig
 from stages.sql import run_sql_file
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]

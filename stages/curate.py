@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from flows.config import CurationConfig
+from stages.config import CurationConfig
 from stages.sql import run_sql_file
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import polars as pl
 import torch
 
-from flows.config import EvalConfig, RolloutConfig
+from stages.config import EvalConfig, RolloutConfig
 from stages.rollout import SamplingSpec, encode_prompts, run_engine
 
 EVALS_SCHEMA = {

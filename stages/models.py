@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from flows.config import ModelConfig, PromptsConfig
+from stages.config import ModelConfig, PromptsConfig
 from stages.prompts import render_prompts
 from stages.rollout import completion_logprobs, encode_prompts, left_pad_batch
 

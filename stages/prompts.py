@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
-from flows.config import PromptsConfig
+from stages.config import PromptsConfig
 
 log = logging.getLogger(__name__)
 

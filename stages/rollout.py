@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from flows.config import RolloutConfig
+from stages.config import RolloutConfig
 
 ROLLOUTS_SCHEMA = {
     "experiment": pl.String,

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from flows.config import TrainConfig
+from stages.config import TrainConfig
 from stages.losses import LOSSES
 from stages.rollout import LeftPadBatch, completion_logprobs, left_pad_batch
 

@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 import polars as pl
 
-from flows.config import RewardConfig
+from stages.config import RewardConfig
 
 VERIFIER_VERSION = "1"
 OUTCOMES = ("correct", "incorrect", "unparsable", "timeout")

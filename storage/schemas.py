@@ -1,13 +1,13 @@
-"""Arrow schemas of every asymre table: the single source of column names and types.
-
-Each column carries a one-line description (field metadata "description"); `describe(table)` prints them.
-"""
+"""Arrow schemas of every asymre table: the single source of column names, types, key columns and the
+polars schemas stages build their frames with. Each column carries a one-line description (field
+metadata "description")."""
 
 from __future__ import annotations
 
+import polars as pl
 import pyarrow as pa
 
-KEYS = ("experiment", "round", "prompt_id", "sample_idx")
+KEYS = ["experiment", "round", "prompt_id", "sample_idx"]  # one row per sample of a round
 
 
 def _f(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
@@ -196,6 +196,17 @@ PARTITIONS["bandit_limits"] = ["experiment"]
 PARTITIONS["bandit_iterations"] = ["experiment"]
 
 
-def describe(table: str) -> list[tuple[str, str, str]]:
-    """(column, arrow type, description) for each column of `table`."""
-    return [(f.name, str(f.type), (f.metadata or {}).get(b"description", b"").decode()) for f in SCHEMAS[table]]
+# The columns that identify a row of each table (no two rows of a partition share them).
+ROW_KEYS: dict[str, list[str]] = {
+    "prompts": ["dataset", "prompt_id"],
+    **dict.fromkeys(["rollouts", "rewards", "advantages", "train_set"], KEYS),
+    "train_steps": ["experiment", "round", "step"],
+    "checkpoints": ["experiment", "round"],
+    "evals": ["experiment", "round", "mode", "prompt_id", "sample_idx"],
+}
+
+
+def polars_schema(name: str, without: tuple[str, ...] = ("stage_key",)) -> dict[str, pl.DataType]:
+    """The table's columns as a polars schema, less `without` (a stage's frame has no stage_key yet)."""
+    schema = pl.from_arrow(SCHEMAS[name].empty_table()).schema
+    return {column: dtype for column, dtype in schema.items() if column not in without}

@@ -7,8 +7,8 @@ import random
 import polars as pl
 import pytest
 
-from flows.config import AdvantageConfig, CurationConfig
 from stages.advantage import advantages
+from stages.config import AdvantageConfig, CurationConfig
 from stages.curate import curate
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]

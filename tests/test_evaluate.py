@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from flows.config import EvalConfig, ModelConfig, PromptsConfig, RolloutConfig
+from stages.config import EvalConfig, ModelConfig, PromptsConfig, RolloutConfig
 from stages.evaluate import accuracy, evaluate
 from stages.models import build_tiny_model, build_tiny_tokenizer, warm_start
 from stages.prompts import builtin_prompts, render_prompts

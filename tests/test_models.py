@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flows.config import ModelConfig, PromptsConfig
+from stages.config import ModelConfig, PromptsConfig
 from stages.models import (
     PolicyLoadError,
     build_tiny_model,

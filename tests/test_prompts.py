@@ -9,7 +9,7 @@ import datasets
 import polars as pl
 import pytest
 
-from flows.config import PromptsConfig
+from stages.config import PromptsConfig
 from stages.prompts import (
     PromptDataError,
     boxed_gold,

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from flows.config import RolloutConfig
+from stages.config import RolloutConfig
 from stages.models import build_tiny_model, build_tiny_tokenizer
 from stages.rollout import (
     LeftPadBatch,

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from flows.config import TrainConfig
+from stages.config import TrainConfig
 from stages.losses import LOSSES
 from stages.models import build_tiny_model, build_tiny_tokenizer
 from stages.train import (

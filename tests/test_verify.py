@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flows.config import RewardConfig
+from stages.config import RewardConfig
 from stages.verify import (
     OUTCOMES,
     POOL_GRACE_S,
