@@ -29,7 +29,8 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.catalog import connect, query  # noqa: E402
+from storage.catalog import connect  # noqa: E402
+from storage.sql import query  # noqa: E402
 from storage.tables import resolve_store  # noqa: E402
 
 CONFIGS = ["asymre", "reinforce", "asymre-pos", "topr", "topr-baseline", "sft", "shuffled"]

@@ -4,14 +4,14 @@ on in-memory frames; seconds, peak memory, the ratio, and how both grow with row
 
     python bench/data_stages.py [--quick] [--reps N] [--prompts 3906,15625,62500] [--profile]
 
-Pipeline path (as flows/round.py runs them): read rewards → advantages() → write_partition → run_checks;
-read rewards + rollouts' meta columns → curate() → write_partition → run_checks. Baseline: the same
-outputs from polars expressions on frames already in memory (loading them is not timed), plus the same
-checks (duplicate keys over rollouts/rewards/advantages/train_set, non-finite advantages). Every
-measurement is a fresh child process with the libraries imported before the clock starts (as in a
-long-lived flow process); peak memory is its VmHWM (`peak_mb`, imports included) and that peak above
-the RSS right after the imports (`above_imports_mb`: for the baseline, the loaded frames + the work).
-The baseline's outputs are compared with what the pipeline stored (`equal`).
+Pipeline path (as the flows run them): read rewards → advantages() → write_partition → run_checks →
+write_views_sql; read rewards + rollouts' meta columns → curate() → write_partition → run_checks →
+write_views_sql. Baseline: the same outputs from polars expressions on frames already in memory (loading
+them is not timed), plus the same checks (duplicate keys over rollouts/rewards/advantages/train_set,
+non-finite advantages). Every measurement is a fresh child process with the libraries imported before the
+clock starts (as in a long-lived flow process); peak memory is its VmHWM (`peak_mb`, imports included) and
+that peak above the RSS right after the imports (`above_imports_mb`: for the baseline, the loaded frames +
+the work). The baseline's outputs are compared with what the pipeline stored (`equal`).
 """
 
 from __future__ import annotations
@@ -65,16 +65,6 @@ def pipeline(store: str) -> dict[str, float]:
     from storage.checks import run_checks
 
     spent: dict[str, float] = defaultdict(float)
-    write_views = catalog.write_views_sql
-
-    def timed_views(s):  # tables._after_commit looks it up on the module at every commit
-        started = time.perf_counter()
-        try:
-            return write_views(s)
-        finally:
-            spent["views_sql"] += time.perf_counter() - started
-
-    catalog.write_views_sql = timed_views
 
     def step(name, fn, *args, **kw):
         started = time.perf_counter()
@@ -86,13 +76,14 @@ def pipeline(store: str) -> dict[str, float]:
     rewards = step("read", tables.read, store, "rewards", **where)
     adv = step("compute", advantages, rewards, AdvantageConfig())
     step("write", tables.write_partition, store, "advantages", adv, partition=PARTITION, stage_key="advantages")
-    step("checks", run_checks, store, stage="advantages", **where)
+    step("checks", run_checks, store, tables=["advantages"], available=["rollouts", "rewards"], **where)
+    step("views_sql", catalog.write_views_sql, store)  # once after each stage's commits, as the flows do
     rewards = step("read", tables.read, store, "rewards", **where)
     meta = step("read", tables.read, store, "rollouts", columns=META, **where)
     train_set = step("compute", curate, rewards, meta, CurationConfig())
     step("write", tables.write_partition, store, "train_set", train_set, partition=PARTITION, stage_key="curation")
-    step("checks", run_checks, store, stage="curation", **where)
-    spent["write"] -= spent["views_sql"]  # reported apart
+    step("checks", run_checks, store, tables=["train_set"], available=["rollouts", "rewards", "advantages"], **where)
+    step("views_sql", catalog.write_views_sql, store)
     return dict(spent)
 
 

@@ -61,8 +61,10 @@ def bare_generate(model, tokenizer, texts: list[str], config: RolloutConfig, wit
 
 
 def shape_bench(model, tokenizer, prompts, n_prompts: int, config: RolloutConfig, reps: int) -> list[dict]:
-    pc = PromptsConfig(per_round=n_prompts)
-    chosen = render_prompts(sample_round_prompts(prompts, pc, 0, SEED), tokenizer, pc)
+    template = PromptsConfig().template
+    chosen = render_prompts(
+        sample_round_prompts(prompts, n_prompts, 0, SEED), tokenizer, template, use_chat_template=True
+    )
     texts = chosen["text"].to_list()
     kw = {"experiment": "bench", "round": 0, "policy_version": "bench", "seed": SEED, "device": "cpu"}
     seen: dict[str, list[list[int]]] = {}

@@ -86,7 +86,7 @@ class Ledger:
 
 def instrument(ledger: Ledger) -> None:
     import flows.materialize
-    import flows.round
+    import flows.pipeline
     import stages.advantage
     import stages.curate
     import stages.evaluate
@@ -106,15 +106,15 @@ def instrument(ledger: Ledger) -> None:
         (stages.train, "training_rows", f"{COMPUTE}: train"),
         (stages.train, "train_round", f"{COMPUTE}: train"),
         (stages.evaluate, "evaluate", f"{COMPUTE}: eval"),
-        (stages.prompts, "load_prompts", f"{COMPUTE}: prompts"),
+        (stages.prompts, "read_prompts", f"{COMPUTE}: prompts"),
         (stages.prompts, "sample_round_prompts", f"{COMPUTE}: prompts"),
         (stages.prompts, "render_prompts", f"{COMPUTE}: prompts"),
-        (stages.models, "builtin_policy", f"{COMPUTE}: warm start"),
+        (stages.models, "warm_started_policy", f"{COMPUTE}: warm start"),
         (stages.models, "load_policy", "checkpoint: load"),
-        (flows.round, "_replace_dir", "checkpoint: save"),
+        (checkpoints, "save", "checkpoint: save"),
+        (checkpoints, "copy", "checkpoint: save"),
         (checkpoints, "folder_sha256", "checkpoint: sha256"),
         (checkpoints, "lookup", "checkpoint: lookup"),
-        (flows.round, "read_prompts", "storage: read"),
         (tables, "read", "storage: read"),
         (tables, "version", "storage: read"),
         (tables, "write_partition", "storage: write (conform, checks of the frame)"),
@@ -124,21 +124,21 @@ def instrument(ledger: Ledger) -> None:
         (storage.checks, "connect_partition", "catalog: connect (views of the checked partition)"),
         (storage.checks, "connect", "catalog: connect (views over every table)"),  # before 2026-12-01
         (flows.materialize, "run_checks", "checks"),
-        (flows.materialize, "code_version", "lineage"),
+        (flows.pipeline, "stage_key", "lineage"),
         (lineage, "last_done", "lineage"),
         (lineage, "output_holds", "lineage"),
         (lineage, "record_run", "lineage"),
         (tables, "compact", "lineage: compact stage_runs"),
     ]:
-        ledger.patch(module, name, category, flows.round)
+        ledger.patch(module, name, category, flows.pipeline, flows.materialize)
 
 
 def seed_warm_start(source_store: Path, cfg) -> None:
-    """Reuse the warm-start cache of another store for `cfg`: the one of the same key, or the store's only
-    one (its settings do not depend on prompts.per_round; builtin_policy refuses a cache made otherwise)."""
-    from flows.round import warm_start_cache
+    """Reuse the warm-start cache of another store for `cfg`: the one of the same key (the base stage's),
+    or the store's only one (the warm start does not read prompts.per_round, though its key holds it)."""
+    from flows.round import planned_keys
 
-    target = warm_start_cache(cfg)
+    target = Path(cfg.store) / "cache" / f"builtin-tiny-{planned_keys(cfg, 0)[0][('base', 0)]}"
     caches = sorted((source_store / "cache").glob("builtin-tiny-*"))
     source = source_store / "cache" / target.name
     source = source if source.is_dir() else (caches[0] if len(caches) == 1 else None)

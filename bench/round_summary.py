@@ -1,13 +1,16 @@
 """round_summary over many rounds: 1M synthetic rollouts/rewards/advantages rows per round written to a
 Delta store, then `storage.catalog.connect(store)` and the sql/views/round_summary.sql query timed apart,
-at 1, 4, 10 and 16 rounds (target: the query under 1 s at 10 rounds = 10M rows per table).
+and `storage.catalog.round_summaries` (the same query over one experiment's partitions: of every round,
+`summaries`, and of the last one, `last_round`, as a flow asks after each round), at 1, 4, 10 and 16
+rounds (target: the query under 1 s at 10 rounds = 10M rows per table).
 
     python bench/round_summary.py [--quick] [--reps N] [--rounds 1,4,10,16] [--prompts 62500]
 
 Token lists are 1 id long (round_summary reads only scalar columns; this saves disk), every scalar column
 is realistic. Each repetition opens a fresh connection (connect) and runs the view twice: `query_cold` is
 the first query on that connection, `query_warm` the second. Baseline: the same aggregation in DuckDB
-straight over the Parquet files' columns with no views (`direct`), and in polars over the scanned files.
+straight over the Parquet files' columns with no views (`direct`), and in polars over the scanned files
+(both cover the rollouts/rewards/advantages columns: this store has no train_steps or evals).
 """
 
 from __future__ import annotations
@@ -90,10 +93,11 @@ def polars_summary(store: str) -> pl.DataFrame:
 def measure(store: str, reps: int) -> dict[str, float]:
     import duckdb
 
-    from storage.catalog import connect
+    from storage.catalog import connect, round_summaries
 
-    times: dict[str, list[float]] = {"connect": [], "query_cold": [], "query_warm": [], "direct": [], "polars": []}
-    for _ in range(reps):  # A B C alternating: views, direct DuckDB, polars
+    cases = ["connect", "query_cold", "query_warm", "summaries", "last_round", "direct", "polars"]
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(reps):  # alternating: views, round_summaries, direct DuckDB, polars
         started = time.perf_counter()
         con = connect(store)
         times["connect"].append(time.perf_counter() - started)
@@ -102,6 +106,12 @@ def measure(store: str, reps: int) -> dict[str, float]:
             out = con.sql(VIEW).fetchall()
             times[key].append(time.perf_counter() - started)
         con.close()
+        started = time.perf_counter()
+        rounds = round_summaries(store, synthetic.EXPERIMENT)
+        times["summaries"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        round_summaries(store, synthetic.EXPERIMENT, [int(rounds["round"].max())])
+        times["last_round"].append(time.perf_counter() - started)
         sql = direct_sql(store)
         raw = duckdb.connect()
         started = time.perf_counter()
@@ -145,7 +155,10 @@ def main() -> None:
     print_table(
         [
             {"rounds": r["rounds"], "row_ratio": r["rounds"] / rows[0]["rounds"]}
-            | {k: r[k] / rows[0][k] for k in ("connect", "query_cold", "query_warm", "direct", "polars")}
+            | {
+                k: r[k] / rows[0][k]
+                for k in ("connect", "query_cold", "query_warm", "summaries", "last_round", "direct", "polars")
+            }
             for r in rows
         ]
     )

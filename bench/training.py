@@ -30,6 +30,7 @@ from measure import alternate, child, current_rss_mb, median, peak_rss_mb, print
 from stages.advantage import advantages
 from stages.config import AdvantageConfig, CurationConfig, PromptsConfig, RolloutConfig, TrainConfig
 from stages.curate import curate
+from stages.logprobs import warmup_lr
 from stages.models import build_tiny_model, build_tiny_tokenizer
 from stages.prompts import builtin_prompts, render_prompts, sample_round_prompts
 from stages.rollout import generate_rollouts
@@ -58,8 +59,10 @@ def build_rows(n_prompts: int, rollout: RolloutConfig, tokenizer) -> pl.DataFram
     """training_rows of one synthetic round: real rollouts, random 0/1 rewards, default advantages/curation."""
     model = build_tiny_model(tokenizer, SEED).eval()
     prompts = builtin_prompts(PromptsConfig(), SEED)
-    pc = PromptsConfig(per_round=n_prompts)
-    chosen = render_prompts(sample_round_prompts(prompts, pc, 0, SEED), tokenizer, pc)
+    template = PromptsConfig().template
+    chosen = render_prompts(
+        sample_round_prompts(prompts, n_prompts, 0, SEED), tokenizer, template, use_chat_template=True
+    )
     rollouts = generate_rollouts(
         model, tokenizer, chosen, rollout, experiment="bench", round=0, policy_version="bench", seed=SEED, device="cpu"
     )
@@ -139,7 +142,7 @@ def bare_train(model, rows: pl.DataFrame, config: TrainConfig, pad_id: int) -> i
     order = np.random.default_rng([SEED, 0, 0]).permutation(len(prompts))
     for step, batch in enumerate(_micro_batches(order, lengths, config)):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+            group["lr"] = warmup_lr(step, config.lr, config.warmup_steps)
         num_tokens = int(sum(n_tokens[b].sum() for b in batch))
         optimizer.zero_grad(set_to_none=True)
         for b in batch:

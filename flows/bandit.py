@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from stages import bandit
-from storage import tables
+from storage import catalog, tables
 
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -44,6 +44,7 @@ def bandit_flow(
     name = f"bandit-seed{seed}-arms{arms}"
     limits = limits_table(store, name, seed, arms, grid)
     iterations = iterations_table(store, name, seed, arms, rounds, steps, batch)
+    catalog.write_views_sql(store)
     reports = Path(tables.resolve_store(store)) / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     bandit.plot_limits(limits, reports / f"{name}-limits.png")

@@ -211,12 +211,12 @@ def run(
 ) -> None:
     """Start or continue an experiment (with no arguments: the built-in default on the CPU)."""
     cfg = _load(config, sets, store)
-    from flows.materialize import STAGES
+    from flows.pipeline import ROUND_STAGES
 
     if (from_stage is None) != (round_ is None):
         fail("--from-stage and --round go together")
-    if from_stage is not None and from_stage not in STAGES[2:]:
-        fail(f"--from-stage {from_stage!r}: choose one of {', '.join(STAGES[2:])}")
+    if from_stage is not None and from_stage not in ROUND_STAGES:
+        fail(f"--from-stage {from_stage!r}: choose one of {', '.join(ROUND_STAGES)}")
     _prefect_env(cfg.store, verbose)
     from flows import progress
     from flows.iterate import experiment_flow
@@ -247,10 +247,10 @@ def _print_rounds(summaries: list[dict], store: str, experiment: str) -> None:
         f"{'round':>5} {'train reward':>12} {'test greedy':>11} {'test T=1':>9} {'p':>6} {'p~':>6} {'steps':>5} {'s':>6}"
     )
     for s in summaries:
-        cells = [s["train_reward"], s["test_greedy"], s["test_sampled"], s["p"], s["p_eff"]]
+        cells = [s.get(c) for c in ("mean_reward", "test_greedy", "test_sampled", "p", "p_eff")]
         t = ["   –" if v is None else f"{v:.3f}" for v in cells]
         typer.echo(
-            f"{s['round']:>5} {t[0]:>12} {t[1]:>11} {t[2]:>9} {t[3]:>6} {t[4]:>6} {s['steps']:>5} {s['seconds']:>6.1f}"
+            f"{s['round']:>5} {t[0]:>12} {t[1]:>11} {t[2]:>9} {t[3]:>6} {t[4]:>6} {s.get('steps', 0):>5} {s['seconds']:>6.1f}"
         )
 
 
@@ -262,7 +262,7 @@ def status(
     """Rounds × stages: rows, stage_key and wall time of the last finished run of each stage."""
     import polars as pl
 
-    from flows.materialize import STAGES
+    from flows.pipeline import STAGES
     from storage.lineage import runs
     from storage.tables import resolve_store
 

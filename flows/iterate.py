@@ -13,9 +13,9 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows import progress
 from flows.materialize import Plan
-from flows.round import prompts_table, round_flow
+from flows.round import experiment_start, round_flow, task_runner
 from stages.config import ExperimentConfig
-from storage import lineage, tables
+from storage import catalog, lineage, tables
 
 
 @flow(name="asymre-experiment", flow_run_name="{cfg.name}", persist_result=False, validate_parameters=False)
@@ -23,8 +23,8 @@ def experiment_flow(cfg: ExperimentConfig, rounds: int | None = None, plan: Plan
     """Run (or continue) rounds 0..rounds−1 and return one summary per round."""
     rounds = cfg.rounds if rounds is None else rounds
     progress.REPORTER.line(standing(cfg.store, cfg.name, rounds))
-    checkpoint, summaries = None, []
-    prompts = prompts_table(cfg, plan)  # the experiment's prompt pool: once per run, not once per round
+    summaries = []
+    prompts, checkpoint = experiment_start(task_runner(cfg, plan))
     for k in range(rounds):
         started = time.perf_counter()
         with _round_heartbeats():
@@ -71,25 +71,10 @@ def checkpoint_accuracy(store: str, experiment: str, k: int) -> tuple[float | No
 
 
 def round_summary(store: str, experiment: str, k: int, seconds: float) -> dict:
-    """Round k in numbers: behaviour reward on its prompts, test accuracy of μ_{k+1}, p and p̃."""
-    rewards = tables.read(store, "rewards", experiment=experiment, round=k, columns=["reward"])
-    steps = tables.read(store, "train_steps", experiment=experiment, round=k)
-    greedy, sampled = checkpoint_accuracy(store, experiment, k + 1)
-
-    def mean(col: str) -> float | None:
-        return float(steps[col].mean()) if steps.height else None
-
-    return {
-        "experiment": experiment,
-        "round": k,
-        "train_reward": float(rewards["reward"].mean()) if rewards.height else None,
-        "test_greedy": greedy,
-        "test_sampled": sampled,
-        "p": mean("positive_share"),
-        "p_eff": mean("effective_positive_share"),
-        "steps": steps.height,
-        "seconds": seconds,
-    }
+    """Round k in numbers (the round_summary view: μ_k's reward on its prompts, test accuracy of μ_{k+1},
+    p and p̃) and its wall time."""
+    rows = catalog.round_summaries(store, experiment, [k]).to_dicts()
+    return {"experiment": experiment, "round": k, **(rows[0] if rows else {}), "seconds": seconds}
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -98,7 +83,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def format_summary(s: dict) -> str:
     return (
-        f"[bold]round {s['round']}[/bold]  train reward {_fmt(s['train_reward'])}  "
-        f"test acc (greedy) {_fmt(s['test_greedy'])}  sampled {_fmt(s['test_sampled'])}  "
-        f"p {_fmt(s['p'])}  p̃ {_fmt(s['p_eff'])}  {s['seconds']:.1f}s"
+        f"[bold]round {s['round']}[/bold]  train reward {_fmt(s.get('mean_reward'))}  "
+        f"test acc (greedy) {_fmt(s.get('test_greedy'))}  sampled {_fmt(s.get('test_sampled'))}  "
+        f"p {_fmt(s.get('p'))}  p̃ {_fmt(s.get('p_eff'))}  {s['seconds']:.1f}s"
     )

@@ -1,54 +1,26 @@
-"""How a flow runs one stage: compute its stage_key, skip it when its output already holds that key,
-otherwise produce, write, check and record it in `stage_runs`."""
+"""How a flow runs one stage of the table: compute its stage_key, skip it when its output already holds
+that key, otherwise run it, check what it wrote and record it in `stage_runs`."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import polars as pl
+import torch
 
-from storage import lineage, tables
+from flows import progress
+from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, upstream_tables
+from stages.config import ExperimentConfig
+from storage import catalog, checkpoints, lineage, tables
 from storage.checks import CheckFailed, run_checks
-
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prompts", "base", "rollouts", "rewards", "advantages", "curation", "train", "eval"]
-OUTPUT_TABLE = lineage.STAGE_OUTPUT
-# the source files whose content is each stage's code version
-CODE = {
-    "prompts": ["stages/prompts.py"],
-    "base": ["stages/models.py"],
-    "rollouts": ["stages/rollout.py", "stages/prompts.py"],
-    "rewards": ["stages/verify.py"],
-    "advantages": ["stages/advantage.py", "sql/advantages.sql"],
-    "curation": ["stages/curate.py", "sql/curation.sql"],
-    "train": ["stages/train.py", "stages/losses.py"],
-    "eval": ["stages/evaluate.py", "stages/verify.py"],
-}
-
-
-def _hash_code(stage: str) -> str:
-    digest = hashlib.sha256()
-    for rel in CODE[stage]:
-        digest.update((ROOT / rel).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-# Hashed once, when the flow's process imports this module (with the stage modules it runs): a file
-# edited while a long experiment runs must not give the old code's output a new code version.
-_CODE_VERSIONS = {stage: _hash_code(stage) for stage in CODE}
-
-
-def code_version(stage: str) -> str:
-    return _CODE_VERSIONS[stage]
 
 
 @dataclass(frozen=True)
 class StageRef:
-    """What a stage task returns: where its output is, never the data itself."""
+    """What a stage task returns: where its output is (table, partition, version), never the data itself."""
 
     stage: str
     table: str
@@ -57,6 +29,7 @@ class StageRef:
     version: int | None
     rows: int
     skipped: bool
+    where: dict = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -70,99 +43,139 @@ class Plan:
     def reuse_as_stored(self, stage: str, round: int) -> bool:
         if self.from_stage is None:
             return False
-        return round < self.from_round or (round == self.from_round and _before(stage, self.from_stage))
+        at = position(stage, round)
+        return at < (self.from_round, STAGES.index(self.from_stage))
 
     def force(self, stage: str, round: int) -> bool:
-        return self.from_stage is not None and round == self.from_round and not _before(stage, self.from_stage)
+        if self.from_stage is None:
+            return False
+        at_round, at_stage = position(stage, round)
+        return at_round == self.from_round and at_stage >= STAGES.index(self.from_stage)
 
 
-def _before(stage: str, other: str) -> bool:
-    return STAGES.index(stage) < STAGES.index(other)
+def position(stage: str, round: int) -> tuple[int, int]:
+    """(round, index in the round) of a stage run: the evaluation of checkpoint j is recorded as round j but
+    is the last step of round j − 1 (and checkpoint 0's goes with the base checkpoint)."""
+    if stage == "eval":
+        return (round - 1, STAGES.index("eval")) if round > 0 else (0, STAGES.index("base"))
+    return round, STAGES.index(stage)
 
 
 @dataclass
-class Writer:
-    """Handed to a producer: writes partitions stamped with the stage's key."""
+class StageRun:
+    """What a stage's function is handed: the settings it may read, its inputs, and where to write."""
 
+    stage: Stage
+    settings: Settings
     store: str
+    experiment: str
+    round: int
     key: str
+    where: dict  # the partition of its first output table
+    inputs: dict[str, StageRef]
     versions: dict[str, int] = field(default_factory=dict)
 
+    def read(self, role: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """The input `role`'s partition, at the version its StageRef names."""
+        ref = self.inputs[role]
+        return tables.read(self.store, ref.table, version=ref.version, columns=columns, **ref.where)
+
+    def checkpoint(self, role: str) -> dict:
+        """The registered checkpoint an input names (its row of `checkpoints`, at the version the ref names)."""
+        ref = self.inputs[role]
+        row = checkpoints.lookup(self.store, self.experiment, ref.where["round"], version=ref.version)
+        if row is None:
+            raise FileNotFoundError(
+                f"checkpoint {ref.where['round']} of {self.experiment} is registered but its folder is gone; "
+                f"rerun with --from-stage {'rollouts' if ref.stage == 'base' else 'train'}"
+            )
+        return row
+
     def write(self, table: str, frame: pl.DataFrame, partition: dict) -> int:
+        """Replace one partition of `table` with `frame`, every row stamped with this run's key."""
         version = tables.write_partition(self.store, table, frame, partition=partition, stage_key=self.key)
         self.versions[table] = version
         return version
+
+    @property
+    def device(self) -> str:
+        wanted = self.settings.device
+        if wanted == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return wanted
+
+    def progress(self, label: str, total: int | None = None):
+        return progress.REPORTER.stage(label, total)
 
 
 class StoredOutputMissing(RuntimeError):
     pass
 
 
-def materialize(
-    *,
-    store: str,
-    experiment: str,
-    stage: str,
-    round: int,
-    config: dict,
-    inputs: list[StageRef],
-    plan: Plan,
-    produce: Callable[[Writer], int],
-    output_where: dict | None = None,
-    plan_at: tuple[int, str] | None = None,
-    reward_range: tuple[float, float] = (0.0, 1.0),
-    on_skip: Callable[[StageRef], None] | None = None,
-) -> StageRef:
-    """Run `produce` (which writes through the Writer and returns its row count) unless the stage is done.
-
-    `plan_at` is where the stage sits for --from-stage (default: its own round and name); the evaluation
-    of checkpoint j is recorded as round j but is the last step of round j − 1.
-    """
-    with tables.views_rewritten_once(store):  # one views.sql rewrite for the stage's commits
-        plan_round, plan_stage = plan_at or (round, stage)
-        table = OUTPUT_TABLE[stage]
-        where = output_where or {"experiment": experiment, "round": round}
-        version_code = code_version(stage)
-        key = lineage.stage_key(stage, config, [i.key for i in inputs], version_code)
-        input_versions = {i.table: i.version for i in inputs}
-        record = dict(
-            experiment=experiment, round=round, stage=stage, config=config, code_version=version_code,
-            input_versions=input_versions,
-        )  # fmt: skip
-
-        stored = lineage.last_done(store, experiment, round, stage)
-        if plan.reuse_as_stored(plan_stage, plan_round):
-            if stored is None:
-                raise StoredOutputMissing(
-                    f"--from-stage reuses {stage} of round {round} as stored, but it has no output; run without --from-stage"
-                )
-            key = stored["stage_key"]
-        if (
-            not plan.force(plan_stage, plan_round)
-            and stored is not None
-            and stored["stage_key"] == key
-            and lineage.output_holds(store, table, where, key, empty_ok=stored["rows"] == 0)
-        ):
-            ref = StageRef(stage, table, round, key, tables.version(store, table), stored["rows"], skipped=True)
-            lineage.record_run(store, key=key, rows=ref.rows, wall_s=0.0, status="skipped",
-                               output_version=ref.version, message="output already holds this stage_key", **record)  # fmt: skip
-            if on_skip:
-                on_skip(ref)
-            return ref
-
-        started = time.perf_counter()
-        writer = Writer(store, key)
-        try:
-            rows = produce(writer)
-            run_checks(store, experiment=experiment, round=round, stage=stage, reward_range=reward_range)
-        except Exception as err:
-            lineage.record_run(store, key=key, rows=0, wall_s=time.perf_counter() - started, status="failed",
-                               message=f"{type(err).__name__}: {err}"[:4000], **record)  # fmt: skip
-            raise
-        wall = time.perf_counter() - started
-        version = writer.versions.get(table, tables.version(store, table))
-        lineage.record_run(store, key=key, rows=rows, wall_s=wall, status="done", output_version=version, **record)
-        return StageRef(stage, table, round, key, version, rows, skipped=False, wall_s=wall)
+def materialize(name: str, cfg: ExperimentConfig, plan: Plan, round: int, inputs: Sequence[StageRef] = ()) -> StageRef:
+    """Run stage `name` of round `round` on `inputs` (in its declared order) unless its output already
+    holds its key; either way views.sql is rewritten once, after the stage's commits."""
+    stage = PIPELINE[name]
+    if len(inputs) != len(stage.reads):
+        raise TypeError(f"stage {name} reads {stage.reads}, got {len(inputs)} inputs")
+    try:
+        return _materialize(stage, cfg, plan, round, list(inputs))
+    finally:
+        with contextlib.suppress(OSError):  # a read-only store still runs; its views.sql is only a convenience
+            catalog.write_views_sql(cfg.store)
 
 
-__all__ = ["STAGES", "CheckFailed", "Plan", "StageRef", "StoredOutputMissing", "Writer", "materialize"]
+def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, inputs: list[StageRef]) -> StageRef:
+    store, experiment = cfg.store, cfg.name
+    settings = Settings(cfg, stage)
+    where = stage.where(settings, experiment, round)
+    table = stage.writes[0]
+    code = CODE_VERSIONS[stage.name]
+    key = lineage.stage_key(stage.name, settings.as_dict(), [i.key for i in inputs], code)
+    record = dict(
+        experiment=experiment, round=round, stage=stage.name, config=settings.as_dict(), code_version=code,
+        input_versions={i.table: i.version for i in inputs},
+    )  # fmt: skip
+    label = f"round {round}: {stage.name}" if stage.per_round else stage.name
+
+    stored = lineage.last_done(store, experiment, round, stage.name)
+    if plan.reuse_as_stored(stage.name, round):
+        if stored is None:
+            raise StoredOutputMissing(
+                f"--from-stage reuses {stage.name} of round {round} as stored, but it has no output; "
+                "run without --from-stage"
+            )
+        key = stored["stage_key"]
+    if (
+        not plan.force(stage.name, round)
+        and stored is not None
+        and stored["stage_key"] == key
+        and lineage.output_holds(store, table, where, key, empty_ok=stored["rows"] == 0)
+    ):
+        version = tables.version(store, table)
+        ref = StageRef(stage.name, table, round, key, version, stored["rows"], skipped=True, where=where)
+        lineage.record_run(store, key=key, rows=ref.rows, wall_s=0.0, status="skipped", output_version=version,
+                           message="output already holds this stage_key", **record)  # fmt: skip
+        progress.REPORTER.skipped(label, f"output holds stage_key {key}")
+        return ref
+
+    started = time.perf_counter()
+    run = StageRun(stage, settings, store, experiment, round, key, where, dict(zip(stage.reads, inputs)))
+    try:
+        rows = stage.run(run)
+        if "round" in where:  # checks look at one (experiment, round) partition; prompts have none
+            run_checks(
+                store, experiment=experiment, round=round, tables=list(stage.writes),
+                available=upstream_tables(stage.name), reward_range=(cfg.reward.incorrect, cfg.reward.correct),
+            )  # fmt: skip
+    except Exception as err:
+        lineage.record_run(store, key=key, rows=0, wall_s=time.perf_counter() - started, status="failed",
+                           message=f"{type(err).__name__}: {err}"[:4000], **record)  # fmt: skip
+        raise
+    wall = time.perf_counter() - started
+    version = run.versions.get(table, tables.version(store, table))
+    lineage.record_run(store, key=key, rows=rows, wall_s=wall, status="done", output_version=version, **record)
+    return StageRef(stage.name, table, round, key, version, rows, skipped=False, where=where, wall_s=wall)
+
+
+__all__ = ["CheckFailed", "Plan", "StageRef", "StageRun", "StoredOutputMissing", "materialize"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
-from storage.catalog import connect, query
+from storage.catalog import connect
+from storage.sql import query
 from storage.tables import resolve_store
 
 _CURVES = """

@@ -8,7 +8,7 @@ from __future__ import annotations
 import polars as pl
 
 from stages.config import AdvantageConfig
-from stages.sql import run_sql_file
+from storage.sql import run_file
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]
 
@@ -20,5 +20,5 @@ def advantages(rewards: pl.DataFrame, config: AdvantageConfig) -> pl.DataFrame:
     if missing:
         raise ValueError(f"advantages need columns {sorted(missing)} in the rewards frame")
     params = {"mode": config.baseline_mode, "delta_v": config.delta_v, "constant": config.constant}
-    out = run_sql_file("advantages.sql", {"rewards": rewards.select(*KEYS, "reward")}, params)
+    out = run_file("advantages.sql", {"rewards": rewards.select(*KEYS, "reward")}, params)
     return out.with_columns(pl.col("round").cast(pl.Int32), pl.col("sample_idx").cast(pl.Int32))

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 
 from stages.config import CurationConfig
-from stages.sql import run_sql_file
+from storage.sql import run_file
 
 KEYS = ["experiment", "round", "prompt_id", "sample_idx"]
 
@@ -27,7 +27,7 @@ def curate(rewards: pl.DataFrame, rollouts: pl.DataFrame, config: CurationConfig
         "max_per_prompt": config.max_per_prompt or 0,
         "seed": config.seed,
     }
-    ruled = run_sql_file("curation.sql", {"candidates": candidates}, params)
+    ruled = run_file("curation.sql", {"candidates": candidates}, params)
     if config.target_positive_share is not None:
         ruled = _target_share(ruled, config.target_positive_share, config.seed)
     return ruled.select(

@@ -1,6 +1,7 @@
 """Policy-gradient losses for one micro-batch: AsymRE, TOPR, naive REINFORCE and SFT (see ALGORITHMS.md).
 
-Pure functions on tensors; `LOSSES[name](...)` returns `(loss, stats)` with the same stats keys for every loss.
+Pure functions on tensors; `LOSSES[name](...)` returns `(loss, sums)`: the loss and monitoring sums (the same
+keys for every loss) that add across micro-batches; `finish_stats` turns a step's sums into its statistics.
 
 Shared arguments of every loss (B rows, T padded completion tokens):
     logp       (B, T) float  log π(y_t | x, y_<t), with grad
@@ -18,11 +19,25 @@ Shared arguments of every loss (B rows, T padded completion tokens):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 RATIO_LEVELS = ("sequence", "token", "geometric")
+# The step statistics (columns of train_steps) and the per-micro-batch sums they are made of.
 STATS_KEYS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_clipped", "positive_share", "effective_positive_share")
+SUM_KEYS = (
+    "rows",
+    "ratio_sum",
+    "ratio_min",
+    "ratio_max",
+    "clipped_sum",
+    "negative_rows",
+    "positive_rows",
+    "positive_mass",
+    "mass",
+)
 
 # Log-ratios are clamped to ±20 before exp (as verl does) so that exp never overflows, even in fp32/bf16.
 # The ratio only enters the loss through clip(ρ, 0, 1), so the upper clamp changes nothing; the lower clamp
@@ -79,7 +94,7 @@ def asymre_loss(
     _check_ratio_level(ratio_level)
     per_token = -(advantage * weight)[:, None] * logp  # (B, T)
     loss = aggregate(per_token, mask, aggregation, num_seqs, num_tokens)
-    return loss, _stats(logp, mu_logp, mask, advantage, weight, positive, clipped=None)
+    return loss, _sums(logp, mu_logp, mask, advantage, weight, positive, clipped=None)
 
 
 def topr_loss(
@@ -110,7 +125,7 @@ def topr_loss(
         clipped = ((ratio > 1.0) & real).sum(-1) / real.sum(-1).clamp(min=1)  # (B,) share of the row's tokens
     else:
         clipped = (ratio[:, 0] > 1.0).float()  # (B,)
-    return loss, _stats(logp, mu_logp, mask, advantage, weight, positive, clipped=clipped)
+    return loss, _sums(logp, mu_logp, mask, advantage, weight, positive, clipped=clipped)
 
 
 def sft_loss(
@@ -138,7 +153,7 @@ def sft_loss(
     _check_ratio_level(ratio_level)
     per_token = -(weight * positive.to(logp.dtype))[:, None] * logp  # (B, T)
     loss = aggregate(per_token, mask, aggregation, num_seqs, num_tokens)
-    return loss, _stats(logp, mu_logp, mask, advantage, weight, positive, clipped=None)
+    return loss, _sums(logp, mu_logp, mask, advantage, weight, positive, clipped=None)
 
 
 def tapering_ratio(logp: torch.Tensor, mu_logp: torch.Tensor, mask: torch.Tensor, ratio_level: str) -> torch.Tensor:
@@ -153,7 +168,7 @@ def tapering_ratio(logp: torch.Tensor, mu_logp: torch.Tensor, mask: torch.Tensor
     return torch.exp(logratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def _stats(
+def _sums(
     logp: torch.Tensor,
     mu_logp: torch.Tensor,
     mask: torch.Tensor,
@@ -162,21 +177,49 @@ def _stats(
     positive: torch.Tensor,
     clipped: torch.Tensor | None,
 ) -> dict[str, float]:
-    """Monitoring over the micro-batch's rows. `ratio_*` is the sequence-level ratio whatever the loss;
-    `ratio_clipped` is the mean over negative rows of `clipped` (B,): 1/0 whether the row's ratio exceeded 1
-    (sequence, geometric), or the share of its tokens whose ratio exceeded 1 (token level)."""
+    """Monitoring sums over the micro-batch's rows (SUM_KEYS). `ratio_*` is the sequence-level ratio whatever
+    the loss; `clipped_sum` adds over negative rows `clipped` (B,): 1/0 whether the row's ratio exceeded 1
+    (sequence, geometric), or the share of its tokens whose ratio exceeded 1 (token level); 0 without one."""
     with torch.no_grad():
         logratio = sequence_logratio(logp.detach().float(), mu_logp.float(), mask)  # (B,)
         ratio = torch.exp(logratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B,)
         negative = advantage < 0  # (B,)
-        ratio_clipped = torch.zeros((), dtype=torch.float32, device=ratio.device)
+        clipped_sum = torch.zeros((), dtype=torch.float32, device=ratio.device)
         if clipped is not None:
-            ratio_clipped = torch.where(negative, clipped.float(), 0.0).sum() / negative.sum().clamp(min=1)
+            clipped_sum = torch.where(negative, clipped.float(), 0.0).sum()
         mass = (weight * advantage.abs()).float()  # (B,) w|A|
-        effective = torch.where(advantage > 0, mass, 0.0).sum() / mass.sum().clamp(min=torch.finfo(mass.dtype).tiny)
         values = torch.stack(
-            [ratio.mean(), ratio.min(), ratio.max(), ratio_clipped, positive.float().mean(), effective]
-        ).tolist()  # one device sync instead of six
+            [
+                ratio.sum(),
+                ratio.min(),
+                ratio.max(),
+                clipped_sum,
+                negative.sum().float(),
+                positive.sum().float(),
+                torch.where(advantage > 0, mass, 0.0).sum(),
+                mass.sum(),
+            ]
+        ).tolist()  # one device sync instead of eight
+    return dict(zip(SUM_KEYS, [float(logp.shape[0]), *values], strict=True))
+
+
+def finish_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The step's statistics (STATS_KEYS) from the sums of its micro-batches: sums add, extremes stay extremes.
+
+    ratio_clipped is the mean of `clipped` over negative rows (0 without any); effective_positive_share is
+    p̃ = Σ w|A| over rows with A > 0 / Σ w|A| (0 when there is no advantage mass).
+    """
+    total = {key: sum(part[key] for part in parts) for key in SUM_KEYS}
+    total["ratio_min"] = min(part["ratio_min"] for part in parts)
+    total["ratio_max"] = max(part["ratio_max"] for part in parts)
+    values = (
+        total["ratio_sum"] / total["rows"],
+        total["ratio_min"],
+        total["ratio_max"],
+        total["clipped_sum"] / max(total["negative_rows"], 1.0),
+        total["positive_rows"] / total["rows"],
+        total["positive_mass"] / total["mass"] if total["mass"] > 0 else 0.0,
+    )
     return dict(zip(STATS_KEYS, values, strict=True))
 
 

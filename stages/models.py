@@ -4,12 +4,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +13,10 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.config import ModelConfig, PromptsConfig
+from stages.config import ModelConfig
+from stages.logprobs import completion_logprobs, greedy_exact_match, left_pad_batch, warmup_lr
 from stages.prompts import render_prompts
-from stages.rollout import completion_logprobs, encode_prompts, left_pad_batch
-
-log = logging.getLogger(__name__)
+from stages.rollout import encode_prompts
 
 # 19 characters: everything the built-in task and its default template write.
 TINY_CHARS = "0123456789+-*=?:QA "
@@ -30,7 +25,6 @@ WARMUP_STEPS = 100  # linear lr warmup of the warm start (the prototype's)
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # saved without a model-specific class
 HELD_OUT = 512  # training-pool rows (at most a quarter) kept out of the warm start to measure its accuracy
 CHECK_EVERY = 25  # warm-start steps between accuracy checks
-WARM_START_RECORD = "warm_start.json"  # written last into a builtin policy folder: its presence marks it complete
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,7 +82,8 @@ def warm_start(
     tokenizer,
     prompts_train: pl.DataFrame,
     config: ModelConfig,
-    prompts_config: PromptsConfig,
+    template: str,
+    use_chat_template: bool,
     seed: int,
     device: str | torch.device,
     progress: Callable[[int, int, float], None] | None = None,
@@ -96,7 +91,8 @@ def warm_start(
     """Supervised steps on (templated question → gold answer + eos), loss on the completion tokens only.
 
     AdamW (betas 0.9/0.98, no weight decay), lr warm_start_lr after a 100-step linear warmup, batches of
-    warm_start_batch_size drawn as shuffled passes over prompts_train (rows with prompt and answer).
+    warm_start_batch_size drawn as shuffled passes over prompts_train (rows with prompt and answer), each
+    question written with `template` or the tokenizer's chat template (as `render_prompts`).
     With `warm_start_target`, HELD_OUT rows of prompts_train are kept out of training and the warm start
     stops at the first check (every CHECK_EVERY steps) where their greedy accuracy reaches the target:
     the accuracy curve is steep here, so a fixed step count lands anywhere from 5 % to 30 %.
@@ -106,22 +102,18 @@ def warm_start(
         shuffled = prompts_train.sample(fraction=1.0, shuffle=True, seed=seed)
         n_held = min(HELD_OUT, len(shuffled) // 4)  # small pools (tests) still keep most rows for training
         held_out, prompts_train = shuffled.head(n_held), shuffled.tail(-n_held)
-        check = _exact_match_batch(tokenizer, held_out, prompts_config)
-    texts = render_prompts(prompts_train, tokenizer, prompts_config)["text"].to_list()
-    prompt_ids = encode_prompts(tokenizer, texts)
-    answer_ids = [
-        [*ids, tokenizer.eos_token_id]
-        for ids in tokenizer(prompts_train["answer"].to_list(), add_special_tokens=False)["input_ids"]
-    ]
+        check = left_pad_batch(*_encode(tokenizer, held_out, template, use_chat_template), tokenizer.pad_token_id)
+    prompt_ids, answer_ids = _encode(tokenizer, prompts_train, template, use_chat_template)
     held_out_accuracy = None
     steps, batch_size = config.warm_start_steps, config.warm_start_batch_size
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     loss_value, start = math.nan, time.perf_counter()
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_lr(step, config.warm_start_lr, WARMUP_STEPS)
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(prompt_ids), generator=generator)])
         rows, order = order[:batch_size].tolist(), order[batch_size:]
@@ -132,7 +124,6 @@ def warm_start(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         loss_value = loss.item()
         if progress is not None:
             progress(step + 1, steps, loss_value)
@@ -151,26 +142,12 @@ def warm_start(
     }
 
 
-def _exact_match_batch(tokenizer, rows: pl.DataFrame, prompts_config: PromptsConfig):
-    prompt_ids = encode_prompts(tokenizer, render_prompts(rows, tokenizer, prompts_config)["text"].to_list())
+def _encode(tokenizer, rows: pl.DataFrame, template: str, use_chat_template: bool):
+    """Token ids of the templated questions, and of the gold answers followed by eos: the completions the
+    warm start trains on and `greedy_exact_match` checks."""
+    texts = render_prompts(rows, tokenizer, template, use_chat_template)["text"].to_list()
     answers = tokenizer(rows["answer"].to_list(), add_special_tokens=False)["input_ids"]
-    return left_pad_batch(prompt_ids, [[*a, tokenizer.eos_token_id] for a in answers], tokenizer.pad_token_id)
-
-
-def greedy_exact_match(model, batch) -> float:
-    """Share of rows whose greedy answer is exactly the gold: with teacher forcing, greedy decoding emits the
-    gold (and then stops) iff the argmax is the gold token at every answer position, eos included."""
-    model.eval()
-    with torch.no_grad():
-        device = next(model.parameters()).device
-        mask = batch.attention_mask.to(device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=position_ids).logits
-        width = batch.completion_mask.shape[1]
-        predicted = logits[:, -width - 1 : -1].argmax(-1)  # (B, C): the prediction for each answer token
-        target = batch.input_ids[:, -width:].to(device)
-        hit = (predicted == target) | ~batch.completion_mask.to(device).bool()
-    return float(hit.all(-1).float().mean())
+    return encode_prompts(tokenizer, texts), [[*ids, tokenizer.eos_token_id] for ids in answers]
 
 
 def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
@@ -180,7 +157,7 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.d
     name = str(name_or_path)
     if name.startswith("builtin:"):
         raise PolicyLoadError(
-            f"{name} is built locally: resolve it with builtin_policy(folder, ...) and load that folder"
+            f"{name} is built locally: build it with warm_started_policy(...), save it, and load that folder"
         )
     if _looks_local(name) and not (Path(name) / "config.json").is_file():
         raise PolicyLoadError(
@@ -218,69 +195,18 @@ def _looks_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def builtin_policy(
-    folder: str | Path,
+def warm_started_policy(
     config: ModelConfig,
-    prompts_config: PromptsConfig,
     prompts_train: pl.DataFrame,
+    template: str,
+    use_chat_template: bool,
     seed: int,
     device: str | torch.device,
     progress: Callable[[int, int, float], None] | None = None,
-) -> Path:
-    """The builtin:tiny policy saved in `folder`: reused if a complete one is there, else built and warm-started.
-
-    The folder is written in a temporary sibling and renamed, so a crash never leaves half a cache. A cached
-    folder made with other warm-start settings is an error: the caller should key the folder by those settings.
-    """
-    folder = Path(folder)
-    settings = _warm_start_settings(config, prompts_config, prompts_train, seed)
-    record = folder / WARM_START_RECORD
-    if record.is_file():
-        saved = json.loads(record.read_text())["settings"]
-        if saved != settings:
-            raise ValueError(
-                f"{folder} holds a builtin policy warm-started with {saved}, not {settings}; "
-                "remove the folder or use another one for these settings"
-            )
-        return folder
+):
+    """The builtin:tiny policy: (model on the CPU in eval mode, tokenizer, warm-start stats), built from `seed`
+    and warm-started on prompts_train; storing it is the caller's."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed)
-    stats = warm_start(model, tokenizer, prompts_train, config, prompts_config, seed, device, progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.cpu().save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / WARM_START_RECORD).write_text(json.dumps({"settings": settings, "stats": stats}, indent=1))
-        if folder.exists():  # an incomplete leftover
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    log.info(
-        "builtin:tiny warm-started in %.1f s (final loss %.3f), saved to %s",
-        stats["seconds"],
-        stats["final_loss"],
-        folder,
-    )
-    return folder
-
-
-def _warm_start_settings(
-    config: ModelConfig, prompts_config: PromptsConfig, prompts_train: pl.DataFrame, seed: int
-) -> dict:
-    rows = sorted(zip(prompts_train["prompt"].to_list(), prompts_train["answer"].to_list(), strict=True))
-    return {
-        "data_sha1": hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:16],
-        "rows": len(rows),
-        "steps": config.warm_start_steps,
-        "target": config.warm_start_target,
-        "lr": config.warm_start_lr,
-        "batch_size": config.warm_start_batch_size,
-        "seed": seed,
-        "template": prompts_config.template,
-        "ops": list(prompts_config.ops),
-        "max_operand": prompts_config.max_operand,
-        "max_operand_mul": prompts_config.max_operand_mul,
-    }
+    stats = warm_start(model, tokenizer, prompts_train, config, template, use_chat_template, seed, device, progress)
+    return model.cpu().eval(), tokenizer, stats

@@ -16,20 +16,13 @@ import numpy as np
 import polars as pl
 
 from stages.config import PromptsConfig
+from storage.schemas import polars_schema
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DATASET = "builtin-arith"
 
-PROMPTS_SCHEMA = {
-    "dataset": pl.String,
-    "split": pl.String,
-    "prompt_id": pl.String,
-    "prompt": pl.String,
-    "answer": pl.String,
-    "source": pl.String,
-    "meta": pl.String,
-}
+PROMPTS_SCHEMA = polars_schema("prompts")  # `dataset` is filled in once the source is known
 
 # Default (question, answer) columns of each data format; `auto` picks the first whose columns exist.
 FORMAT_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "plain": ("question", "answer")}
@@ -141,11 +134,6 @@ def plain_gold(answer: str) -> str | None:
 
 
 GOLD_EXTRACTORS = {"gsm8k": gsm8k_gold, "math": boxed_gold, "plain": plain_gold}
-
-
-def load_prompts(config: PromptsConfig, seed: int) -> pl.DataFrame:
-    """The prompts table for config.source (see `read_prompts`, which also counts skipped rows)."""
-    return read_prompts(config, seed).frame
 
 
 def read_prompts(config: PromptsConfig, seed: int) -> PromptsRead:
@@ -310,7 +298,7 @@ def _dataset_name(source: str) -> str:
 # ---------------------------------------------------------------- per round, templating
 
 
-def sample_round_prompts(prompts: pl.DataFrame, config: PromptsConfig, round: int, seed: int) -> pl.DataFrame:
+def sample_round_prompts(prompts: pl.DataFrame, per_round: int, round: int, seed: int) -> pl.DataFrame:
     """per_round train prompts for `round`, without replacement, deterministic in (seed, round).
 
     Rows are put in prompt_id order first, so the draw does not depend on how storage ordered them.
@@ -318,21 +306,22 @@ def sample_round_prompts(prompts: pl.DataFrame, config: PromptsConfig, round: in
     train = prompts.filter(pl.col("split") == "train").sort("prompt_id")
     if train.height == 0:
         raise ValueError("the prompts table has no train rows; check prompts.source and prompts.train_split")
-    if config.per_round > train.height:
-        log.warning("prompts.per_round=%d > %d train prompts; taking all of them", config.per_round, train.height)
+    if per_round > train.height:
+        log.warning("prompts.per_round=%d > %d train prompts; taking all of them", per_round, train.height)
     rng = np.random.default_rng([seed, round])
-    picked = np.sort(rng.choice(train.height, size=min(config.per_round, train.height), replace=False))
+    picked = np.sort(rng.choice(train.height, size=min(per_round, train.height), replace=False))
     return train[picked]
 
 
-def render_prompts(frame: pl.DataFrame, tokenizer, config: PromptsConfig) -> pl.DataFrame:
-    """`frame` with a column `text`: the question in the chat template (where used) or config.template."""
-    chat = config.use_chat_template and getattr(tokenizer, "chat_template", None)
+def render_prompts(frame: pl.DataFrame, tokenizer, template: str, use_chat_template: bool) -> pl.DataFrame:
+    """`frame` with a column `text`: the question in the tokenizer's chat template (where it has one and
+    use_chat_template is set), else in `template` ({question} replaced)."""
+    chat = use_chat_template and getattr(tokenizer, "chat_template", None)
     if chat:
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
             for q in frame["prompt"]
         ]
     else:
-        texts = [config.template.replace("{question}", q) for q in frame["prompt"]]
+        texts = [template.replace("{question}", q) for q in frame["prompt"]]
     return frame.with_columns(text=pl.Series(texts, dtype=pl.String))

@@ -1,5 +1,5 @@
 """The rollouts stage: G samples per prompt from the behaviour policy μ_k with their per-token log μ,
-by transformers `generate` (engine hf) or vLLM (engine vllm), plus the forward pass that recomputes them.
+by transformers `generate` (engine hf) or vLLM (engine vllm); the eval stage generates through it too.
 """
 
 from __future__ import annotations
@@ -14,28 +14,10 @@ import polars as pl
 import torch
 
 from stages.config import RolloutConfig
+from stages.logprobs import LeftPadBatch, left_pad_batch
+from storage.schemas import polars_schema
 
-ROLLOUTS_SCHEMA = {
-    "experiment": pl.String,
-    "round": pl.Int32,
-    "prompt_id": pl.String,
-    "sample_idx": pl.Int32,
-    "policy_version": pl.String,
-    "prompt": pl.String,
-    "completion": pl.String,
-    "prompt_token_ids": pl.List(pl.Int32),
-    "completion_token_ids": pl.List(pl.Int32),
-    "behaviour_logprobs": pl.List(pl.Float32),
-    "behaviour_logprob": pl.Float64,
-    "num_tokens": pl.Int32,
-    "finish_reason": pl.String,
-    "engine": pl.String,
-    "temperature": pl.Float64,
-    "top_p": pl.Float64,
-    "top_k": pl.Int32,
-    "max_new_tokens": pl.Int32,
-    "seed": pl.Int64,
-}
+ROLLOUTS_SCHEMA = polars_schema("rollouts")
 
 
 class Sample(NamedTuple):
@@ -49,7 +31,25 @@ class Sample(NamedTuple):
     seed: int
 
 
+class Sampling(NamedTuple):
+    """The rollout's sampling settings, also those of the eval stage's `sampled` mode."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+class Engine(NamedTuple):
+    """Which engine generates ("hf" or "vllm") and its settings: hf sequences per call, vLLM's GPU share."""
+
+    name: str
+    batch_size: int
+    gpu_memory_utilization: float
+
+
 class SamplingSpec(NamedTuple):
+    """One generation request: n completions per prompt, sampled or greedy, at most max_new_tokens each."""
+
     n: int
     do_sample: bool
     temperature: float
@@ -61,73 +61,6 @@ class SamplingSpec(NamedTuple):
 def derived_seed(seed: int, index: int) -> int:
     """A seed for chunk/request `index` of a run seeded `seed`: independent streams, no seed+i overlaps."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
-
-
-# ---------------------------------------------------------------- the forward pass
-
-
-class LeftPadBatch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) prompt + completion, left-padded so every completion ends at T
-    attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T) cumsum(mask) - 1, clamped: Qwen2 and friends need it with left padding
-    completion_mask: torch.Tensor  # (B, C) 1 where column j of the last C positions is a completion token
-
-
-def left_pad_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int = 0):
-    """Pack (prompt, completion) pairs right-aligned; completion token j of row i sits at column C - len_i + j."""
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(len(s) for s in seqs)
-    c_width = max(len(c) for c in completion_ids)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), c_width), dtype=torch.bool)
-    for i, (s, c) in enumerate(zip(seqs, completion_ids, strict=True)):
-        input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, width - len(s) :] = 1
-        completion_mask[i, c_width - len(c) :] = True
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return LeftPadBatch(input_ids, attention_mask, position_ids, completion_mask)
-
-
-def completion_logprobs(model, batch: LeftPadBatch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, C) log-softmax(logits / temperature) at the completion tokens (garbage where completion_mask is 0).
-
-    Differentiable: the trainer calls it under autograd. Only the last C+1 positions go through the LM head.
-    """
-    c_width = batch.completion_mask.shape[1]
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=c_width + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (B, C, V): position t predicts token t+1
-    targets = batch.input_ids[:, -c_width:]  # (B, C)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    temperature: float,
-    device: str | torch.device,
-    batch_size: int,
-) -> list[list[float]]:
-    """Per completion token log-softmax(logits / temperature), by one forward pass per batch of rows."""
-    out: list[list[float]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        p, c = prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]
-        if max(len(x) for x in c) == 0:
-            out.extend([] for _ in c)
-            continue
-        batch = LeftPadBatch(*(t.to(device) for t in left_pad_batch(p, c)))
-        logp = completion_logprobs(model, batch, temperature).cpu()
-        c_width = logp.shape[1]
-        out.extend(logp[i, c_width - len(ci) :].tolist() if ci else [] for i, ci in enumerate(c))
-    return out
 
 
 # ---------------------------------------------------------------- the hf engine
@@ -329,8 +262,9 @@ def generate_rollouts(
     spec = SamplingSpec(
         config.samples_per_prompt, True, config.temperature, config.top_k, config.top_p, config.max_new_tokens
     )
+    engine = Engine(config.engine, config.batch_size, config.gpu_memory_utilization)
     samples = run_engine(
-        model, tokenizer, prompt_ids, spec, config, seed=seed, device=device, model_path=model_path, progress=progress
+        model, tokenizer, prompt_ids, spec, engine, seed=seed, device=device, model_path=model_path, progress=progress
     )
     completions = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     texts, ids = prompts["text"].to_list(), prompts["prompt_id"].to_list()
@@ -364,23 +298,23 @@ def run_engine(
     tokenizer,
     prompt_ids: list[list[int]],
     spec: SamplingSpec,
-    config: RolloutConfig,
+    engine: Engine,
     *,
     seed: int,
     device: str | torch.device,
     model_path: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
-    """Samples from config.engine, ordered by (prompt, sample_idx)."""
-    if config.engine == "vllm":
+    """Samples from engine.name, ordered by (prompt, sample_idx)."""
+    if engine.name == "vllm":
         if model_path is None:
             raise ValueError("rollout.engine=vllm loads the policy from a folder: pass model_path")
         samples = vllm_generate(
-            model_path, tokenizer, prompt_ids, spec, seed=seed, gpu_memory_utilization=config.gpu_memory_utilization
+            model_path, tokenizer, prompt_ids, spec, seed=seed, gpu_memory_utilization=engine.gpu_memory_utilization
         )
         if progress is not None:
             progress(len(samples), len(samples))
         return samples
     return hf_generate(
-        model, tokenizer, prompt_ids, spec, batch_size=config.batch_size, seed=seed, device=device, progress=progress
+        model, tokenizer, prompt_ids, spec, batch_size=engine.batch_size, seed=seed, device=device, progress=progress
     )

@@ -13,11 +13,11 @@ import polars as pl
 import torch
 
 from stages.config import TrainConfig
-from stages.losses import LOSSES
-from stages.rollout import LeftPadBatch, completion_logprobs, left_pad_batch
+from stages.logprobs import recompute_logprobs, token_logprobs, warmup_lr
+from stages.losses import LOSSES, finish_stats
+from storage.schemas import KEYS, polars_schema
 
-KEYS = ["experiment", "round", "prompt_id", "sample_idx"]
-STAT_KEYS = ["ratio_mean", "ratio_min", "ratio_max", "ratio_clipped", "positive_share", "effective_positive_share"]
+STEPS_SCHEMA = polars_schema("train_steps")
 
 
 class NonFiniteError(RuntimeError):
@@ -47,26 +47,6 @@ def training_rows(
     )
 
 
-def token_logprobs(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_t | x, y_<t) at temperature T for every completion token, (B, T) with token t of each
-    completion at column t, and its (B, T) mask.
-
-    One forward pass shared with the rollout stage (`completion_logprobs`: left-padded rows, explicit
-    positions, only the completion positions through the LM head), re-aligned to the left here.
-    """
-    device = next(model.parameters()).device
-    batch = LeftPadBatch(*(t.to(device) for t in left_pad_batch(prompts, completions, pad_id)))
-    right = completion_logprobs(model, batch, temperature)  # (B, C): completion i ends at column C
-    width = right.shape[1]
-    lengths = torch.tensor([len(c) for c in completions], device=device)
-    columns = torch.arange(width, device=device)
-    mask = columns.unsqueeze(0) < lengths.unsqueeze(1)  # (B, C)
-    index = ((width - lengths).unsqueeze(1) + columns.unsqueeze(0)).clamp(max=width - 1)
-    return right.gather(1, index), mask.float()
-
-
 def _padded(values: list[list[float]], depth: int) -> torch.Tensor:
     out = torch.zeros((len(values), depth))
     for i, v in enumerate(values):
@@ -82,30 +62,6 @@ def _micro_batches(order: np.ndarray, lengths: np.ndarray, config: TrainConfig) 
         rows = rows[np.argsort(lengths[rows], kind="stable")]
         batches.append([rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)])
     return batches
-
-
-def recompute_behaviour(
-    model: torch.nn.Module, rows: pl.DataFrame, temperature: float, micro_batch_size: int, pad_id: int
-) -> list[list[float]]:
-    """μ's per-token log-probs in the trainer's own numerics (model = checkpoint k, before any update).
-
-    Rows go through in order of length (less padding) and come back in their own order.
-    """
-    model.eval()
-    prompts, completions = rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list()
-    lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)])
-    order = np.argsort(lengths, kind="stable")
-    out: list[list[float]] = [[] for _ in prompts]
-    with torch.no_grad():
-        for start in range(0, len(order), micro_batch_size):
-            chunk = order[start : start + micro_batch_size]
-            logp, _ = token_logprobs(
-                model, [prompts[i] for i in chunk], [completions[i] for i in chunk], temperature, pad_id
-            )
-            logp = logp.cpu()
-            for j, i in enumerate(chunk):
-                out[i] = logp[j, : len(completions[i])].tolist()
-    return out
 
 
 def train_round(
@@ -125,7 +81,8 @@ def train_round(
     loss_fn = LOSSES[config.loss]
     prompts, completions = rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list()
     engine_mu = rows["behaviour_logprobs"].to_list()
-    recomputed = recompute_behaviour(model, rows, temperature, config.micro_batch_size, pad_id) if len(rows) else []
+    model.eval()  # μ is checkpoint k as it samples: no dropout
+    recomputed = recompute_logprobs(model, prompts, completions, temperature, config.micro_batch_size, pad_id)
     gap = _gap(engine_mu, recomputed)
     mu = recomputed if config.behaviour_logprobs == "recompute" else engine_mu
     data = RoundData(prompts, completions, mu, *_row_tensors(rows))
@@ -146,7 +103,7 @@ def train_round(
         order = np.random.default_rng([seed, round, epoch]).permutation(len(rows))
         for micro_batches in _micro_batches(order, lengths, config):
             started = time.perf_counter()
-            lr = config.lr * min(1.0, (global_step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+            lr = warmup_lr(global_step, config.lr, config.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             num_tokens = int(sum(n_tokens[m].sum() for m in micro_batches))
@@ -181,7 +138,7 @@ def train_round(
             global_step += 1
             if progress:
                 progress(len(records), total, step_loss)
-    steps = pl.DataFrame(records, schema=_STEP_SCHEMA) if records else pl.DataFrame(schema=_STEP_SCHEMA)
+    steps = pl.DataFrame(records, schema=STEPS_SCHEMA) if records else pl.DataFrame(schema=STEPS_SCHEMA)
     state = {"optimizer": optimizer.state_dict(), "global_step": global_step}
     mean_loss = float(steps["loss"].mean()) if records else None
     return TrainResult(steps, state, gap, mean_loss)
@@ -217,16 +174,17 @@ def accumulate_gradients(
     pad_id: int,
 ) -> tuple[float, dict[str, float]]:
     """Sum the gradients of one optimizer batch over its micro-batches; the loss normalises by the whole
-    batch's sequence and token counts, so any split into micro-batches gives the same gradient."""
+    batch's sequence and token counts, so any split into micro-batches gives the same gradient (and the
+    statistics, made from sums, are the same too)."""
     num_seqs = int(sum(len(m) for m in micro_batches))
     num_tokens = int(sum(len(data.completions[i]) for m in micro_batches for i in m))
-    step_loss, stats = 0.0, {k: [] for k in STAT_KEYS}
+    step_loss, sums = 0.0, []
     for m in micro_batches:
         logp, mask = token_logprobs(
             model, [data.prompts[i] for i in m], [data.completions[i] for i in m], temperature, pad_id
         )  # (b, T)
         device = logp.device
-        loss, s = loss_fn(
+        loss, part = loss_fn(
             logp,
             _padded([data.mu[i] for i in m], logp.shape[1]).to(device),
             mask,
@@ -242,9 +200,8 @@ def accumulate_gradients(
             return float(loss.item()), {}
         loss.backward()
         step_loss += loss.item()
-        for k in STAT_KEYS:
-            stats[k].append((s[k], len(m)))
-    return step_loss, _combine(stats)
+        sums.append(part)
+    return step_loss, finish_stats(sums)
 
 
 def _gap(engine: list[list[float]], recomputed: list[list[float]]) -> float:
@@ -252,32 +209,3 @@ def _gap(engine: list[list[float]], recomputed: list[list[float]]) -> float:
         return 0.0
     diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(engine, recomputed)])
     return float(diffs.mean()) if diffs.size else 0.0
-
-
-def _combine(stats: dict[str, list[tuple[float, int]]]) -> dict[str, float]:
-    """Micro-batch statistics into step statistics (means weighted by rows; extremes as extremes)."""
-    out = {}
-    for key, pairs in stats.items():
-        values = [v for v, _ in pairs]
-        if key == "ratio_min":
-            out[key] = float(min(values))
-        elif key == "ratio_max":
-            out[key] = float(max(values))
-        else:
-            out[key] = float(sum(v * n for v, n in pairs) / sum(n for _, n in pairs))
-    return out
-
-
-_STEP_SCHEMA = {
-    "experiment": pl.String,
-    "round": pl.Int32,
-    "step": pl.Int32,
-    "epoch": pl.Int32,
-    "loss": pl.Float64,
-    **dict.fromkeys(STAT_KEYS, pl.Float64),
-    "grad_norm": pl.Float64,
-    "lr": pl.Float64,
-    "tokens": pl.Int64,
-    "tokens_per_s": pl.Float64,
-    "logprob_gap": pl.Float64,
-}

@@ -19,21 +19,11 @@ import numpy as np
 import polars as pl
 
 from stages.config import RewardConfig
+from storage.schemas import KEYS, polars_schema
 
 VERIFIER_VERSION = "1"
 OUTCOMES = ("correct", "incorrect", "unparsable", "timeout")
-KEYS = ["experiment", "round", "prompt_id", "sample_idx"]
-SCHEMA = {
-    "experiment": pl.String,
-    "round": pl.Int32,
-    "prompt_id": pl.String,
-    "sample_idx": pl.Int32,
-    "extracted_answer": pl.String,
-    "reward": pl.Float64,
-    "outcome": pl.String,
-    "verifier": pl.String,
-    "verifier_version": pl.String,
-}
+SCHEMA = polars_schema("rewards")
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,9 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from storage import tables
 from storage.schemas import PARTITIONS, SCHEMAS
-from storage.tables import open_table, resolve_store
-
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+from storage.sql import SQL_DIR, code_only, query
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -42,12 +41,10 @@ def _quote(text: str) -> str:
 def table_view_sql(store: str, name: str, version: int | None = None, where: dict | None = None) -> str:
     """CREATE VIEW for one table at `version` (latest by default); an empty typed view if unwritten.
 
-    `where` (partition column → value) limits the view to the files of those partitions; columns the
-    table is not partitioned by are ignored."""
+    `where` (partition column → a value or a list of values) limits the view to the files of those
+    partitions; columns the table is not partitioned by are ignored."""
     schema = SCHEMAS[name]
-    dt = open_table(store, name, version)
-    filters = [(c, "=", str(v)) for c, v in (where or {}).items() if c in PARTITIONS[name]]
-    files = [] if dt is None else dt.file_uris(partition_filters=filters or None)
+    files = tables.files(store, name, version=version, where=where)
     if not files:
         cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in schema)
         return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false;"
@@ -67,10 +64,10 @@ def derived_views() -> list[tuple[str, str]]:
 
 def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
     as_of = as_of or {}
-    lines = [f"-- asymre catalog of {resolve_store(store)}; regenerated after each write", ""]
+    lines = [f"-- asymre catalog of {tables.resolve_store(store)}; regenerated after each stage", ""]
     lines += [table_view_sql(store, name, as_of.get(name)) for name in SCHEMAS]
-    for name, query in derived_views():
-        body = query.strip().rstrip(";")
+    for name, sql in derived_views():
+        body = sql.strip().rstrip(";")
         lines.append(f"CREATE OR REPLACE VIEW {name} AS\n{body};")
     return "\n".join(lines) + "\n"
 
@@ -78,23 +75,25 @@ def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
 def connect(store: str | None = None, as_of: dict[str, int] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with every table (optionally some at earlier versions) as a view."""
     con = duckdb.connect()
-    con.execute(catalog_sql(resolve_store(store), as_of))
+    con.execute(catalog_sql(tables.resolve_store(store), as_of))
     return con
 
 
 def connect_partition(store: str, names: list[str], where: dict) -> duckdb.DuckDBPyConnection:
-    """A connection with views over only the tables `names`, each limited to the partition `where`
-    (e.g. one experiment and round): what a check of one stage's output needs, at a cost that does not
-    grow with the store's history."""
-    root = resolve_store(store)
+    """A connection with views over only the tables `names`, each limited to the partitions `where` names
+    (partition column → a value or a list of values, e.g. one experiment and some rounds): what a check of
+    one stage's output or a summary of one experiment needs, at a cost that does not grow with the rest of
+    the store."""
+    root = tables.resolve_store(store)
     con = duckdb.connect()
     con.execute("\n".join(table_view_sql(root, name, where=where) for name in names))
     return con
 
 
 def write_views_sql(store: str) -> Path | None:
-    """Rewrite `<store>/views.sql` atomically (local stores only)."""
-    root = resolve_store(store)
+    """Rewrite `<store>/views.sql` atomically (local stores only): the same views as `connect`, for the plain
+    `duckdb` shell. Writes never do it themselves; a flow calls this once after each stage's commits."""
+    root = tables.resolve_store(store)
     if "://" in root:
         return None
     target = Path(root) / "views.sql"
@@ -106,23 +105,26 @@ def write_views_sql(store: str) -> Path | None:
     return target
 
 
-def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> pl.DataFrame:
-    """Run `sql` with bound parameters and return the result as a polars frame."""
-    return pl.from_arrow(con.sql(sql, params=params or None).to_arrow_table())
-
-
 def tables_named(sql: str) -> list[str]:
-    """The store's tables that `sql` mentions as a word (for --as-of with a bare version)."""
-    return [name for name in SCHEMAS if re.search(rf"\b{name}\b", sql)]
+    """The store's tables that `sql` mentions as a word outside comments and string literals."""
+    code = code_only(sql)
+    return [name for name in SCHEMAS if re.search(rf"\b{name}\b", code)]
 
 
-_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def bind(query: str, params: dict) -> dict:
-    """The subset of `params` that `query` names as $name (DuckDB refuses unused ones)."""
-    names = set(_PARAM.findall(query))
-    missing = names - set(params)
-    if missing:
-        raise ValueError(f"query needs parameters {sorted(missing)}")
-    return {k: v for k, v in params.items() if k in names}
+def round_summaries(store: str, experiment: str, rounds: list[int] | None = None) -> pl.DataFrame:
+    """sql/views/round_summary.sql for one experiment (optionally only `rounds`), ordered by round: per
+    round k its samples' reward, the training on them (steps, p, p̃) and the test accuracy of checkpoint
+    k + 1. The views hold only this experiment's partitions (and with `rounds`, only rounds k and k + 1), so
+    the cost does not grow with other experiments."""
+    sql = (SQL_DIR / "views" / "round_summary.sql").read_text()
+    where: dict = {"experiment": experiment}
+    if rounds is not None:
+        where["round"] = sorted({k for r in rounds for k in (r, r + 1)})  # evals of checkpoint k + 1: round k + 1
+    con = connect_partition(store, tables_named(sql), where)
+    try:
+        summary = query(con, sql)
+    finally:
+        con.close()
+    if rounds is not None:
+        summary = summary.filter(pl.col("round").is_in(list(rounds)))
+    return summary.sort("round")

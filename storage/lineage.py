@@ -14,19 +14,6 @@ import polars as pl
 
 from storage import tables
 
-# the table each stage writes (base = checkpoint 0; train writes checkpoint k+1 and train_steps)
-STAGE_OUTPUT = {
-    "prompts": "prompts",
-    "base": "checkpoints",
-    "rollouts": "rollouts",
-    "rewards": "rewards",
-    "advantages": "advantages",
-    "curation": "train_set",
-    "train": "checkpoints",
-    "eval": "evals",
-}
-
-
 COMPACT_EVERY = 20  # stage_runs commits between compactions
 
 
@@ -129,18 +116,3 @@ def output_holds(store: str, table: str, where: dict[str, Any], key: str, empty_
     (the run that wrote it recorded zero rows)."""
     keys = tables.read(store, table, columns=["stage_key"], **where)["stage_key"]
     return set(keys.to_list()) <= {key} and (keys.len() > 0 or empty_ok)
-
-
-def completed(store: str, experiment: str, round: int, stage: str, key: str) -> bool:
-    """Does (experiment, round, stage) already hold output written with this key?
-
-    True only when the last finished run of the stage has this key and the output partition's rows
-    all carry it (so a later overwrite with another key, or a lost partition, means "not done").
-    """
-    done = last_done(store, experiment, round, stage)
-    if done is None or done["stage_key"] != key:
-        return False
-    if stage == "prompts":
-        return True
-    where = {"experiment": experiment, "round": round}
-    return output_holds(store, STAGE_OUTPUT[stage], where, key, empty_ok=done["rows"] == 0)

@@ -13,9 +13,9 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -44,11 +44,16 @@ def table_uri(store: str, name: str) -> str:
 def open_table(store: str, name: str, version: int | None = None) -> DeltaTable | None:
     """The Delta table (at `version`, default latest), or None when it was never written.
 
-    The latest-version handle of a local table is shared within the process and moves on at the next
-    call: read what you need from it (version, files) right away, or pin a version."""
+    The handle of a local table's latest version is shared within the process, also when `version` names
+    that version (a flow reads its inputs at the versions just written: no log replay then), and moves on
+    at the next open of the latest version: read what you need from it right away (`read` and `files` do,
+    and make sure a pinned read was not moved meanwhile)."""
     uri = table_uri(store, name)
     if version is None:
         return _latest(uri)
+    held = _held(uri, version)
+    if held is not None:
+        return held
     try:
         return DeltaTable(uri, version=version)
     except TableNotFoundError:
@@ -109,6 +114,15 @@ def _latest_entry(uri: str) -> tuple[DeltaTable, int, tuple[int, int] | None] | 
         if stamp is not None:
             _LATEST[uri] = (dt, version, stamp)
         return dt, version, stamp
+
+
+def _held(uri: str, version: int) -> DeltaTable | None:
+    """The held latest handle of a local table if it is at `version` of the table as it is on disk now."""
+    with _LATEST_LOCK:
+        held = _LATEST.get(uri)
+    if held is None or held[1] != version or _commit_stamp(uri, version) != held[2]:
+        return None
+    return held[0]
 
 
 def snapshot_id(store: str, name: str) -> tuple[int, int, int] | None:
@@ -232,48 +246,14 @@ def write_partition(
     predicate = " AND ".join(f"{col} = {_sql_literal(v)}" for col, v in partition.items())
     meta = {"asymre.partition": json.dumps(partition), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     uri = table_uri(store, name)
-    committed = _commit(uri, data, name, "overwrite", predicate, meta)
-    _after_commit(store)
-    return committed
+    return _commit(uri, data, name, "overwrite", predicate, meta)
 
 
 def append(store: str, name: str, frame: pl.DataFrame | pa.Table, metadata: dict[str, Any] | None = None) -> int:
     """Append rows (used for the lineage table, which is never rewritten)."""
     data = conform(frame, name)
     uri = table_uri(store, name)
-    committed = _commit(uri, data, name, "append", None, {k: json.dumps(v) for k, v in (metadata or {}).items()})
-    _after_commit(store)
-    return committed
-
-
-# stores whose views.sql rewrite is held until the end of a `views_rewritten_once` block (value: dirty)
-_HELD: dict[str, bool] = {}
-
-
-def _after_commit(store: str) -> None:
-    root = resolve_store(store)
-    if root in _HELD:
-        _HELD[root] = True
-        return
-    from storage.catalog import write_views_sql  # the catalog reads tables; import here to avoid a cycle
-
-    write_views_sql(root)
-
-
-@contextlib.contextmanager
-def views_rewritten_once(store: str) -> Iterator[None]:
-    """Commits inside the block rewrite `<store>/views.sql` once, when it ends (a stage commits several
-    times: its outputs, its lineage row). Readers of the tables themselves never wait for it."""
-    root = resolve_store(store)
-    if root in _HELD:  # nested: the outer block rewrites
-        yield
-        return
-    _HELD[root] = False
-    try:
-        yield
-    finally:
-        if _HELD.pop(root):
-            _after_commit(root)
+    return _commit(uri, data, name, "append", None, {k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
 def compact(store: str, name: str) -> None:
@@ -283,15 +263,50 @@ def compact(store: str, name: str) -> None:
     dt = open_table(store, name)
     if dt is None:
         return
-    try:
+    with contextlib.suppress(CommitFailedError):
         dt.optimize.compact()
-    except CommitFailedError:
-        return
-    _after_commit(store)
 
 
 def empty(name: str) -> pl.DataFrame:
     return pl.from_arrow(SCHEMAS[name].empty_table())
+
+
+def _partition_filter(name: str, where: dict[str, Any]) -> list[tuple] | None:
+    """delta-rs file filters for the partition columns of `where` (value, or list of values = any of)."""
+    filters = [
+        (col, "in", [_plain(v) for v in value]) if isinstance(value, list | tuple | set) else (col, "=", _plain(value))
+        for col, value in where.items()
+        if col in PARTITIONS[name]
+    ]
+    return filters or None
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as its Python value (delta-rs encodes only Python primitives)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+T = TypeVar("T")
+
+
+def _at_version(store: str, name: str, version: int | None, use: Callable[[DeltaTable], T]) -> T | None:
+    """use(handle of `name` at `version`, default latest), or None when it was never written. A pinned
+    version may be served by the shared latest handle; if another thread moved that on while `use` ran,
+    `use` runs again on a handle of its own."""
+    dt = open_table(store, name, version)
+    if dt is None:
+        return None
+    result = use(dt)
+    if version is not None and dt.version() != version:
+        result = use(DeltaTable(table_uri(store, name), version=version))
+    return result
+
+
+def files(store: str, name: str, *, version: int | None = None, where: dict[str, Any] | None = None) -> list[str]:
+    """URIs of the Parquet files of `name` (latest version, or `version`); `where` (partition column → a
+    value or a list of values; other columns are ignored) keeps those of the partitions it names."""
+    pruning = _partition_filter(name, where or {})
+    return _at_version(store, name, version, lambda dt: dt.file_uris(file_pruning_predicate=pruning)) or []
 
 
 def read(
@@ -302,14 +317,17 @@ def read(
     columns: list[str] | None = None,
     **where: Any,
 ) -> pl.DataFrame:
-    """Rows of `name` (latest version, or `version`), filtered by equality on columns in `where`."""
-    dt = open_table(store, name, version)
-    if dt is None:
+    """Rows of `name` (latest version, or `version`), filtered by equality on columns in `where`.
+
+    Only the files of the partitions `where` names are opened, so a read of one partition costs the same
+    however many others the table holds."""
+    pruning = _partition_filter(name, where)
+    dataset = _at_version(store, name, version, lambda dt: dt.to_pyarrow_dataset(file_pruning_predicate=pruning))
+    if dataset is None:
         frame = empty(name)
         return frame.select(columns) if columns else frame
     import pyarrow.dataset as ds
 
-    dataset = dt.to_pyarrow_dataset()
     expr = None
     for col, value in where.items():
         term = ds.field(col) == value

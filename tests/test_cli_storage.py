@@ -19,7 +19,8 @@ from frames import advantages_frame, rewards_frame, rollouts_frame
 from polars.testing import assert_frame_equal
 
 from storage import tables
-from storage.catalog import connect, query
+from storage.catalog import connect, write_views_sql
+from storage.sql import query
 
 REPO = Path(__file__).resolve().parents[1]
 _ENTRY = shutil.which("asymre", path=str(Path(sys.executable).parent)) or shutil.which("asymre")
@@ -53,6 +54,7 @@ def store(tmp_path_factory) -> str:
         tables.write_partition(root, "advantages", frame, partition=partition)
     tables.write_partition(root, "rewards", rewards_frame("a", 0, 4, 3), partition={"experiment": "a", "round": 0})
     tables.write_partition(root, "rollouts", rollouts_frame("a", 0, 4, 3), partition={"experiment": "a", "round": 0})
+    write_views_sql(root)  # as a flow does after each stage
     return root
 
 

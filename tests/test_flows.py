@@ -50,7 +50,7 @@ def uninterrupted(tmp_path_factory, prefect_harness):
 def test_round_summaries_and_checks(uninterrupted):
     store, summaries = uninterrupted
     assert [s["round"] for s in summaries] == [0, 1]
-    assert all(s["test_greedy"] is not None and s["train_reward"] is not None for s in summaries)
+    assert all(s["test_greedy"] is not None and s["mean_reward"] is not None for s in summaries)
     for table in DATA_TABLES:
         assert tables.read(str(store), table).height > 0, table
     # every check of every round passes on the stored data
@@ -80,9 +80,9 @@ KILLER = textwrap.dedent(
             kw["progress"] = die
         return original(model, rows, config, **kw)
 
-    import flows.round
+    import flows.pipeline
 
-    flows.round.train_round = killing  # the name the train task calls
+    flows.pipeline.train_round = killing  # the name the train stage calls
     experiment_flow(load_config(None, sys.argv[1:]))
     """
 )
@@ -203,7 +203,7 @@ def test_round_subflows_run_without_their_own_heartbeat(monkeypatch):
 
     monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
     monkeypatch.setattr(iterate, "round_flow", fake_round)
-    monkeypatch.setattr(iterate, "prompts_table", lambda cfg, plan: None)
+    monkeypatch.setattr(iterate, "experiment_start", lambda run: (None, None))
     monkeypatch.setattr(iterate, "round_summary", lambda store, name, k, seconds: {"round": k})
     monkeypatch.setattr(iterate, "format_summary", lambda summary: "")
     cfg = load_config(None, [*TINY, "store=unused", "name=hb"])

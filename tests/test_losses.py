@@ -1,5 +1,5 @@
 """Unit and invariant tests of stages/losses.py: hand-computed values, closed-form gradients, a Python-loop
-twin, the equivalences between losses, gradient-accumulation invariance and the p̃ identity."""
+twin, the equivalences between losses, gradient- and statistics-accumulation invariance and the p̃ identity."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from stages.losses import AGGREGATIONS, LOSSES, RATIO_LEVELS, STATS_KEYS, sequence_logratio
+from stages.losses import AGGREGATIONS, LOSSES, RATIO_LEVELS, STATS_KEYS, SUM_KEYS, finish_stats, sequence_logratio
 
 NAMES = ("asymre", "topr", "reinforce", "sft")
 ALL = [
@@ -77,9 +77,11 @@ def test_sequence_logratio_by_hand():
     ("name", "level"), [("asymre", "sequence"), ("sft", "sequence"), *(("topr", lv) for lv in RATIO_LEVELS)]
 )
 def test_stats_by_hand(name, level):
-    _, stats = LOSSES[name](*hand_batch(), aggregation="token-mean", ratio_level=level)
+    _, sums = LOSSES[name](*hand_batch(), aggregation="token-mean", ratio_level=level)
+    assert tuple(sums) == SUM_KEYS
+    assert all(type(v) is float for v in sums.values())
+    stats = finish_stats([sums])
     assert tuple(stats) == STATS_KEYS
-    assert all(type(v) is float for v in stats.values())
     ratios = [math.exp(0.5), math.exp(-0.1), math.exp(0.3)]
     assert stats["ratio_mean"] == pytest.approx(sum(ratios) / 3)
     assert stats["ratio_min"] == pytest.approx(ratios[1])
@@ -185,8 +187,22 @@ def naive_stats(name, level, logp, mu_logp, mask, advantage, weight, positive):
 )
 def test_stats_loop_twin(name, level, seed):
     batch = random_batch(seed, rows=9)  # `positive` drawn independently of the sign of the advantage
-    _, stats = LOSSES[name](*batch, ratio_level=level)
-    assert stats == pytest.approx(naive_stats(name, level, *batch), rel=1e-5)
+    _, sums = LOSSES[name](*batch, ratio_level=level)
+    assert finish_stats([sums]) == pytest.approx(naive_stats(name, level, *batch), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bounds", [(0, 9), (0, 3, 6, 9), (0, 1, 7, 9), (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)])
+@pytest.mark.parametrize(("name", "level"), [("asymre", "sequence"), *(("topr", lv) for lv in RATIO_LEVELS)])
+def test_stats_of_micro_batches_equal_the_batch_loop_twin(name, level, seed, bounds):
+    """The sums of any split into micro-batches give the statistics of the whole batch (not a mean of
+    per-micro-batch ratios, which differs for ratio_clipped and p̃)."""
+    batch = random_batch(seed, rows=9)
+    parts = []
+    for start, end in itertools.pairwise(bounds):
+        _, sums = LOSSES[name](*(x[start:end] for x in batch), ratio_level=level)
+        parts.append(sums)
+    assert finish_stats(parts) == pytest.approx(naive_stats(name, level, *batch), rel=1e-5)
 
 
 def test_closed_form_gradient_by_hand_topr_token():
@@ -203,9 +219,9 @@ def test_closed_form_gradient_by_hand_topr_token():
 
 def _loss_and_grad(name, batch, **kwargs):
     logp = batch[0].detach().clone().requires_grad_()
-    loss, stats = LOSSES[name](logp, *batch[1:], **kwargs)
+    loss, sums = LOSSES[name](logp, *batch[1:], **kwargs)
     loss.backward()
-    return loss.detach(), logp.grad, stats
+    return loss.detach(), logp.grad, finish_stats([sums])
 
 
 @pytest.mark.parametrize(("aggregation", "level"), itertools.product(AGGREGATIONS, RATIO_LEVELS))
@@ -226,7 +242,7 @@ def test_topr_is_asymre_on_policy(aggregation, level):
     topr = _loss_and_grad("topr", batch, aggregation=aggregation, ratio_level=level)
     asymre = _loss_and_grad("asymre", batch, aggregation=aggregation, ratio_level=level)
     torch.testing.assert_close(topr[:2], asymre[:2])
-    assert topr[2]["ratio_clipped"] == 0.0
+    assert topr[2]["ratio_clipped"] == 0.0 and topr[2]["ratio_min"] == topr[2]["ratio_max"] == 1.0
 
 
 def test_reinforce_is_asymre():
@@ -273,7 +289,8 @@ def test_effective_positive_share_identity(c, k):
     rows = 20
     reward = torch.tensor([1.0] * k + [-1.0] * (rows - k))
     batch = random_batch(6, rows=rows)
-    _, stats = LOSSES["asymre"](*batch[:3], reward - c, torch.ones(rows), reward > 0)
+    _, sums = LOSSES["asymre"](*batch[:3], reward - c, torch.ones(rows), reward > 0)
+    stats = finish_stats([sums])
     p = k / rows
     assert stats["positive_share"] == pytest.approx(p)
     assert stats["effective_positive_share"] == pytest.approx(p * (1 - c) / (1 + c * (1 - 2 * p)), rel=1e-5)
@@ -281,8 +298,8 @@ def test_effective_positive_share_identity(c, k):
 
 def test_effective_positive_share_zero_mass():
     logp, mu_logp, mask, _, weight, positive = random_batch(7)
-    _, stats = LOSSES["topr"](logp, mu_logp, mask, torch.zeros(logp.shape[0]), weight, positive)
-    assert stats["effective_positive_share"] == 0.0
+    _, sums = LOSSES["topr"](logp, mu_logp, mask, torch.zeros(logp.shape[0]), weight, positive)
+    assert finish_stats([sums])["effective_positive_share"] == 0.0
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -290,13 +307,13 @@ def test_effective_positive_share_zero_mass():
 def test_huge_log_ratios_stay_finite(name, aggregation, level, sign):
     logp, _, mask, advantage, weight, positive = random_batch(8)
     mu_logp = logp.detach() - sign * 1000.0  # log-ratio ±1000 per token, ±5000 per sequence
-    loss, stats = LOSSES[name](
+    loss, sums = LOSSES[name](
         logp, mu_logp, mask, advantage, weight, positive, aggregation=aggregation, ratio_level=level
     )
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(logp.grad).all()
-    assert all(math.isfinite(v) for v in stats.values())
+    assert all(math.isfinite(v) for v in finish_stats([sums]).values())
 
 
 def test_huge_ratio_tapers_as_expected():

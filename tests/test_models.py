@@ -1,8 +1,7 @@
-"""Policies: the built-in tokenizer and model, a short warm start, the builtin:tiny cache, load errors."""
+"""Policies: the built-in tokenizer and model, a short warm start and its lr warmup, the builtin:tiny policy,
+load errors."""
 
 from __future__ import annotations
-
-import json
 
 import polars as pl
 import pytest
@@ -10,17 +9,21 @@ import torch
 from transformers import AutoTokenizer
 
 from stages.config import ModelConfig, PromptsConfig
+from stages.logprobs import greedy_exact_match, left_pad_batch, warmup_lr
 from stages.models import (
+    WARMUP_STEPS,
     PolicyLoadError,
     build_tiny_model,
     build_tiny_tokenizer,
-    builtin_policy,
     load_policy,
     warm_start,
+    warm_started_policy,
 )
-from stages.prompts import builtin_prompts
+from stages.prompts import builtin_prompts, render_prompts
+from stages.rollout import encode_prompts
 
 PROMPTS = PromptsConfig(n_train=2000, n_test=20)
+TEMPLATE = (PROMPTS.template, PROMPTS.use_chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def test_short_warm_start_lowers_loss(train_prompts):
         tok,
         train_prompts,
         ModelConfig(warm_start_steps=30, warm_start_batch_size=32),
-        PROMPTS,
+        *TEMPLATE,
         seed=0,
         device="cpu",
         progress=lambda step, total, loss: losses.append(loss),
@@ -84,25 +87,37 @@ def test_short_warm_start_lowers_loss(train_prompts):
     assert not model.training
 
 
-def test_builtin_policy_caches_and_checks_settings(tmp_path, train_prompts):
+def test_warm_started_policy_is_reproducible_and_saves(tmp_path, train_prompts):
     config = ModelConfig(warm_start_steps=2, warm_start_batch_size=8)
-    folder = builtin_policy(tmp_path / "tiny", config, PROMPTS, train_prompts, seed=0, device="cpu")
-    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
-    assert json.loads((folder / "warm_start.json").read_text())["stats"]["steps"] == 2
-    calls = []
-    again = builtin_policy(folder, config, PROMPTS, train_prompts, seed=0, device="cpu", progress=calls.append)
-    assert again == folder and calls == []  # reused, no training
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging leftovers
-    with pytest.raises(ValueError, match="remove the folder"):
-        builtin_policy(folder, config, PROMPTS, train_prompts, seed=1, device="cpu")
-    model, tok = load_policy(str(folder), "float32", "cpu")
-    assert tok.eos_token == "<eos>" and model.config.model_type == "qwen2"
+    model, tok, stats = warm_started_policy(config, train_prompts, *TEMPLATE, seed=0, device="cpu")
+    assert stats["steps"] == 2 and not model.training and next(model.parameters()).device.type == "cpu"
+    assert list(tmp_path.iterdir()) == []  # storing it is the caller's
+    again, _, _ = warm_started_policy(config, train_prompts, *TEMPLATE, seed=0, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_policy(str(tmp_path), "float32", "cpu")
+    assert loaded_tok.eos_token == "<eos>" and loaded.config.model_type == "qwen2"
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
+
+
+def test_warm_start_lr_is_the_lambda_lr_warmup():
+    """warmup_lr gives, step by step, the lr that LambdaLR(min(1, (step + 1) / WARMUP_STEPS)) set."""
+    peak, steps = 1e-3, WARMUP_STEPS + 20
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
+    scheduled = []
+    for _ in range(steps):
+        scheduled.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [warmup_lr(step, peak, WARMUP_STEPS) for step in range(steps)] == scheduled  # exactly
 
 
 def test_load_policy_errors(tmp_path):
     with pytest.raises(PolicyLoadError, match="no model at"):
         load_policy(str(tmp_path / "missing"), "float32", "cpu")
-    with pytest.raises(PolicyLoadError, match="builtin_policy"):
+    with pytest.raises(PolicyLoadError, match="warm_started_policy"):
         load_policy("builtin:tiny", "float32", "cpu")
     with pytest.raises(PolicyLoadError, match=r"could not load model 'nobody-here/no-such-model'.*model\.name"):
         load_policy("nobody-here/no-such-model", "float32", "cpu")  # tests run with HF_HUB_OFFLINE=1
@@ -110,23 +125,27 @@ def test_load_policy_errors(tmp_path):
 
 def test_greedy_exact_match_equals_generation():
     """The teacher-forced check the warm start stops on agrees with real greedy decoding, row by row."""
-    from stages.models import _exact_match_batch, greedy_exact_match
-    from stages.prompts import render_prompts
-
     easy = PromptsConfig(ops=["+"], max_operand=9, n_train=400, n_test=10)
     rows = builtin_prompts(easy, seed=0).filter(pl.col("split") == "train")
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, seed=0)
     config = ModelConfig(warm_start_steps=40, warm_start_batch_size=16, warm_start_lr=3e-3, warm_start_target=None)
-    warm_start(model, tok, rows, config, easy, seed=0, device="cpu")
+    warm_start(model, tok, rows, config, easy.template, easy.use_chat_template, seed=0, device="cpu")
     rows = rows.head(64)
-    enc = tok(render_prompts(rows, tok, easy)["text"].to_list(), return_tensors="pt", padding=True)
+    texts = render_prompts(rows, tok, easy.template, easy.use_chat_template)["text"].to_list()
+    enc = tok(texts, return_tensors="pt", padding=True)
     out = model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
     decoded = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     exact = [d.strip() == a for d, a in zip(decoded, rows["answer"].to_list())]
-    per_row = [greedy_exact_match(model, _exact_match_batch(tok, rows[i : i + 1], easy)) for i in range(64)]
+    prompt_ids = encode_prompts(tok, texts)
+    answer_ids = [[*a, tok.eos_token_id] for a in tok(rows["answer"].to_list(), add_special_tokens=False)["input_ids"]]
+    per_row = [
+        greedy_exact_match(model, left_pad_batch(prompt_ids[i : i + 1], answer_ids[i : i + 1], tok.pad_token_id))
+        for i in range(64)
+    ]
     assert per_row == [float(e) for e in exact]
-    assert greedy_exact_match(model, _exact_match_batch(tok, rows, easy)) == pytest.approx(sum(exact) / 64)
+    everything = left_pad_batch(prompt_ids, answer_ids, tok.pad_token_id)
+    assert greedy_exact_match(model, everything) == pytest.approx(sum(exact) / 64)
     assert 0 < sum(exact) < 64  # the comparison covers both hits and misses
 
 
@@ -139,7 +158,7 @@ def test_warm_start_stops_at_its_target(train_prompts, monkeypatch):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, seed=0)
     config = ModelConfig(warm_start_steps=400, warm_start_batch_size=8, warm_start_target=0.1)
-    stats = warm_start(model, tok, train_prompts, config, PROMPTS, seed=0, device="cpu")
+    stats = warm_start(model, tok, train_prompts, config, *TEMPLATE, seed=0, device="cpu")
     assert stats["steps"] == 3 * models.CHECK_EVERY and stats["held_out_accuracy"] == 0.12
 
 

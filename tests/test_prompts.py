@@ -15,7 +15,6 @@ from stages.prompts import (
     boxed_gold,
     builtin_prompts,
     gsm8k_gold,
-    load_prompts,
     read_prompts,
     render_prompts,
     sample_round_prompts,
@@ -76,7 +75,7 @@ def test_builtin_answers_and_operand_ranges():
 def test_builtin_ops_subset_and_template():
     frame = builtin_prompts(PromptsConfig(n_train=50, n_test=10, ops=["+"]), seed=0)
     assert all("+" in q for q in frame["prompt"])
-    text = render_prompts(frame.head(1), None, PromptsConfig())["text"][0]
+    text = render_prompts(frame.head(1), None, "Q: {question} A:", use_chat_template=True)["text"][0]
     assert re.fullmatch(r"Q: \d+\+\d+=\? A:", text)
 
 
@@ -109,7 +108,7 @@ def write_jsonl(path, rows):
 def test_gsm8k_jsonl_with_split_placeholder(tmp_path):
     for split, rows in GSM8K.items():
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    frame = load_prompts(PromptsConfig(source=str(tmp_path / "{split}.jsonl"), n_test=2), seed=0)
+    frame = read_prompts(PromptsConfig(source=str(tmp_path / "{split}.jsonl"), n_test=2), seed=0).frame
     assert frame.schema == expected_schema("prompts")
     train = frame.filter(pl.col("split") == "train")
     assert train["answer"].to_list() == ["7", "1500", "3"]
@@ -121,7 +120,7 @@ def test_gsm8k_jsonl_with_split_placeholder(tmp_path):
 def test_math_parquet_with_split_column_and_nested_braces(tmp_path):
     rows = [{**r, "split": s} for s in ("train", "test") for r in MATH]
     pl.DataFrame(rows).write_parquet(tmp_path / "math.parquet")
-    frame = load_prompts(PromptsConfig(source=str(tmp_path / "math.parquet")), seed=0)
+    frame = read_prompts(PromptsConfig(source=str(tmp_path / "math.parquet")), seed=0).frame
     assert frame.filter(pl.col("split") == "test")["answer"].to_list() == [
         "\\frac{1}{2}",
         "\\{1, \\sqrt{2}\\}",
@@ -135,7 +134,7 @@ def test_folder_of_split_files_and_field_override(tmp_path):
     for split, rows in GSM8K.items():
         write_jsonl(tmp_path / f"{split}.jsonl", [{"q": r["question"], "gold": r["answer"]} for r in rows])
     config = PromptsConfig(source=str(tmp_path), format="gsm8k", question_field="q", answer_field="gold")
-    frame = load_prompts(config, seed=0)
+    frame = read_prompts(config, seed=0).frame
     assert frame.height == 6 and frame["answer"][0] == "7"
 
 
@@ -157,7 +156,7 @@ def _bad_gsm8k(tmp_path):
 
 def test_bad_row_names_row_and_field(tmp_path):
     with pytest.raises(PromptDataError, match=r"row 3: field 'answer'.*skip_bad_rows"):
-        load_prompts(PromptsConfig(source=_bad_gsm8k(tmp_path)), seed=0)
+        read_prompts(PromptsConfig(source=_bad_gsm8k(tmp_path)), seed=0)
 
 
 def test_skip_bad_rows_counts(tmp_path):
@@ -171,11 +170,11 @@ def test_unrecognised_columns_and_missing_source(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"input": "x", "output": "y"}])
     write_jsonl(tmp_path / "test.jsonl", [{"input": "x", "output": "y"}])
     with pytest.raises(PromptDataError, match="question_field"):
-        load_prompts(PromptsConfig(source=str(tmp_path / "{split}.jsonl")), seed=0)
+        read_prompts(PromptsConfig(source=str(tmp_path / "{split}.jsonl")), seed=0)
     with pytest.raises(PromptDataError, match="does not exist"):
-        load_prompts(PromptsConfig(source=str(tmp_path / "nope.jsonl")), seed=0)
+        read_prompts(PromptsConfig(source=str(tmp_path / "nope.jsonl")), seed=0)
     with pytest.raises(PromptDataError, match="could not load 'nobody-here/no-such-data'"):
-        load_prompts(PromptsConfig(source="nobody-here/no-such-data"), seed=0)  # tests run offline
+        read_prompts(PromptsConfig(source="nobody-here/no-such-data"), seed=0)  # tests run offline
 
 
 # ---------------------------------------------------------------- rounds and templates
@@ -183,14 +182,14 @@ def test_unrecognised_columns_and_missing_source(tmp_path):
 
 def test_round_draw_deterministic_without_replacement():
     prompts = builtin_prompts(SMALL, seed=0)
-    first = sample_round_prompts(prompts, SMALL, round=1, seed=0)
+    first = sample_round_prompts(prompts, SMALL.per_round, round=1, seed=0)
     assert first.height == 32 and first["prompt_id"].n_unique() == 32
     assert set(first["split"]) == {"train"}
-    assert first.equals(sample_round_prompts(prompts, SMALL, round=1, seed=0))
-    assert not first.equals(sample_round_prompts(prompts, SMALL, round=2, seed=0))
-    assert not first.equals(sample_round_prompts(prompts, SMALL, round=1, seed=1))
+    assert first.equals(sample_round_prompts(prompts, SMALL.per_round, round=1, seed=0))
+    assert not first.equals(sample_round_prompts(prompts, SMALL.per_round, round=2, seed=0))
+    assert not first.equals(sample_round_prompts(prompts, SMALL.per_round, round=1, seed=1))
     # storage may hand the rows back in any order
-    assert first.equals(sample_round_prompts(prompts.reverse(), SMALL, round=1, seed=0))
+    assert first.equals(sample_round_prompts(prompts.reverse(), SMALL.per_round, round=1, seed=0))
 
 
 def test_chat_template_used_when_present():
@@ -202,6 +201,6 @@ def test_chat_template_used_when_present():
             return f"<user>{messages[0]['content']}<assistant>"
 
     frame = pl.DataFrame({"prompt": ["1+1=?"]})
-    assert render_prompts(frame, ChatTokenizer(), PromptsConfig())["text"][0] == "<user>1+1=?<assistant>"
-    plain = render_prompts(frame, ChatTokenizer(), PromptsConfig(use_chat_template=False, template="{question}\n"))
+    assert render_prompts(frame, ChatTokenizer(), "Q: {question} A:", True)["text"][0] == "<user>1+1=?<assistant>"
+    plain = render_prompts(frame, ChatTokenizer(), "{question}\n", use_chat_template=False)
     assert plain["text"][0] == "1+1=?\n"

@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from stages.config import RolloutConfig
+from stages.logprobs import LeftPadBatch, completion_logprobs, left_pad_batch, recompute_logprobs
 from stages.models import build_tiny_model, build_tiny_tokenizer
-from stages.rollout import (
-    LeftPadBatch,
-    _cut_at_eos,
-    completion_logprobs,
-    encode_prompts,
-    generate_rollouts,
-    left_pad_batch,
-    sequence_logprobs,
-)
+from stages.rollout import _cut_at_eos, encode_prompts, generate_rollouts
 from storage.schemas import SCHEMAS
 
 # different lengths, so every generate batch and forward pass is left-padded
@@ -52,8 +45,8 @@ def rollouts(model, tokenizer, prompts, seed=0, **overrides):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_match_forward_pass(model, tokenizer, prompts, temperature):
     rows = rollouts(model, tokenizer, prompts, temperature=temperature)
-    recomputed = sequence_logprobs(
-        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), temperature, "cpu", 7
+    recomputed = recompute_logprobs(
+        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), temperature, 7
     )
     gaps = [
         abs(a - b)
@@ -64,11 +57,13 @@ def test_behaviour_logprobs_match_forward_pass(model, tokenizer, prompts, temper
     assert max(gaps) < 1e-4
 
 
-def test_sequence_logprobs_matches_unpadded_loop(model, tokenizer):
-    """Naive twin: one unpadded forward pass per row, no position_ids games."""
-    prompt_ids = encode_prompts(tokenizer, [f"Q: {q} A:" for q in QUESTIONS])
-    completion_ids = [[5, 6, 1], [4], [7, 8, 9, 10, 11], []]
-    batched = sequence_logprobs(model, prompt_ids, completion_ids, 0.7, "cpu", batch_size=3)
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_recompute_logprobs_matches_unpadded_loop(model, tokenizer, batch_size):
+    """Naive twin: one unpadded forward pass per row, no position_ids games. Rows are not in length order
+    (they go through sorted and must come back in place); a batch of only empty completions gives []."""
+    prompt_ids = encode_prompts(tokenizer, [f"Q: {q} A:" for q in [*QUESTIONS, "5+5=?"]])
+    completion_ids = [[5, 6, 1], [4], [7, 8, 9, 10, 11], [], []]
+    batched = recompute_logprobs(model, prompt_ids, completion_ids, 0.7, batch_size, pad_id=tokenizer.pad_token_id)
     for p, c, got in zip(prompt_ids, completion_ids, batched, strict=True):
         if not c:
             assert got == []
@@ -134,8 +129,8 @@ def test_rows_shape_and_invariants(model, tokenizer, prompts):
 def test_top_k_renormalises(model, tokenizer, prompts):
     """With top-k the sampled distribution is renormalised over k tokens: log μ ≥ log-softmax of all logits."""
     rows = rollouts(model, tokenizer, prompts, top_k=3, samples_per_prompt=4)
-    full = sequence_logprobs(
-        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), 1.0, "cpu", 16
+    full = recompute_logprobs(
+        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), 1.0, 16
     )
     for lp, f in zip(rows["behaviour_logprobs"], full, strict=True):
         assert all(a >= b - 1e-5 for a, b in zip(lp, f, strict=True))
@@ -173,8 +168,8 @@ def test_vllm_logprobs_match_forward_pass(tmp_path, model, tokenizer, prompts):
     )
     assert rows.height == 4 * len(QUESTIONS) and rows["engine"].unique().to_list() == ["vllm"]
     assert (rows["num_tokens"] == rows["completion_token_ids"].list.len()).all()
-    recomputed = sequence_logprobs(
-        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), 1.0, "cpu", 16
+    recomputed = recompute_logprobs(
+        model, rows["prompt_token_ids"].to_list(), rows["completion_token_ids"].to_list(), 1.0, 16
     )
     gaps = np.array(
         [

@@ -13,8 +13,8 @@ from stages.advantage import advantages
 from stages.curate import curate
 from stages.evaluate import evaluate
 from stages.models import build_tiny_model, build_tiny_tokenizer, warm_start
-from stages.prompts import load_prompts, render_prompts, sample_round_prompts
-from stages.rollout import generate_rollouts
+from stages.prompts import read_prompts, render_prompts, sample_round_prompts
+from stages.rollout import Engine, Sampling, generate_rollouts
 from stages.train import train_round, training_rows
 from stages.verify import score, verify_batch
 from storage import checkpoints, tables
@@ -29,13 +29,14 @@ def test_one_round_through_stages_and_storage(tmp_path):
          "train.micro_batch_size=8", "eval.sampled=1"],
     )  # fmt: skip
     store, exp, part = str(tmp_path), "it", {"experiment": "it", "round": 0}
-    prompts = load_prompts(cfg.prompts, cfg.seed)
+    prompts = read_prompts(cfg.prompts, cfg.seed).frame
     tables.write_partition(store, "prompts", prompts, partition={"dataset": prompts["dataset"][0]}, stage_key="p")
     train_prompts = prompts.filter(pl.col("split") == "train")
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
-    warm_start(model, tokenizer, train_prompts, cfg.model, cfg.prompts, 0, "cpu")
+    template = (cfg.prompts.template, cfg.prompts.use_chat_template)
+    warm_start(model, tokenizer, train_prompts, cfg.model, *template, 0, "cpu")
     base = tmp_path / "ckpt0"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -43,7 +44,7 @@ def test_one_round_through_stages_and_storage(tmp_path):
         store, experiment=exp, round=0, path=base, parent_version=None, loss=None, stage_key="b"
     )
 
-    chosen = render_prompts(sample_round_prompts(train_prompts, cfg.prompts, 0, 0), tokenizer, cfg.prompts)
+    chosen = render_prompts(sample_round_prompts(train_prompts, cfg.prompts.per_round, 0, 0), tokenizer, *template)
     rollouts = generate_rollouts(
         model, tokenizer, chosen, cfg.rollout, experiment=exp, round=0, policy_version=version0, seed=0, device="cpu"
     )
@@ -70,9 +71,13 @@ def test_one_round_through_stages_and_storage(tmp_path):
         store, experiment=exp, round=1, path=folder, parent_version=version0, loss=result.mean_loss, stage_key="t"
     )
 
-    test = render_prompts(prompts.filter(pl.col("split") == "test"), tokenizer, cfg.prompts)
+    test = render_prompts(prompts.filter(pl.col("split") == "test"), tokenizer, *template)
+    r = cfg.rollout
     evals = evaluate(
-        model, tokenizer, test, cfg.eval, cfg.rollout, partial(verify_batch, verifier="numeric"),
+        model, tokenizer, test, cfg.eval, sampling=Sampling(r.temperature, r.top_k, r.top_p),
+        max_new_tokens=cfg.eval.max_new_tokens or r.max_new_tokens,
+        engine=Engine(r.engine, r.batch_size, r.gpu_memory_utilization),
+        verify_fn=partial(verify_batch, verifier="numeric"),
         experiment=exp, round=1, policy_version=version1, seed=1, device="cpu",
     )  # fmt: skip
     tables.write_partition(store, "evals", evals, partition={"experiment": exp, "round": 1}, stage_key="e")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from frames import (
 )
 from polars.testing import assert_frame_equal
 
-from storage import checkpoints, lineage, tables
+from storage import catalog, checkpoints, lineage, tables
 from storage.catalog import connect
 from storage.schemas import PARTITIONS, SCHEMAS
 
@@ -198,6 +199,7 @@ def test_partition_values_with_odd_characters_read_back_everywhere(store):
         tables.write_partition(store, "train_set", frame, partition={"experiment": name, "round": 0})
     counts = dict(tables.read(store, "train_set").group_by("experiment").len().iter_rows())
     assert counts == {name: i + 1 for i, name in enumerate(names)}
+    assert {name: tables.read(store, "train_set", experiment=name, round=0).height for name in names} == counts
     duck = dict(connect(store).sql("select experiment, count(*) from train_set group by 1").fetchall())
     assert duck == counts
 
@@ -326,8 +328,6 @@ def test_two_processes_write_different_experiments_at_once(store, tmp_path):
 def test_latest_handle_follows_other_writers_and_a_remade_table(store):
     """open_table keeps a per-process handle of each table's latest version: it must see commits made by
     another process, and a table deleted and written again at the same path must not read as the old one."""
-    import shutil
-
     tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
     assert tables.version(store, "rewards") == 0
     assert tables.open_table(store, "rewards") is tables.open_table(store, "rewards")  # the held handle
@@ -351,6 +351,95 @@ tables.write_partition({store!r}, "rewards", rewards_frame("a", 1, n_prompts=3),
     tables.write_partition(store, "rewards", rewards_frame("c", 0), partition={"experiment": "c", "round": 0})
     assert tables.version(store, "rewards") == 0
     assert tables.read(store, "rewards")["experiment"].unique().to_list() == ["c"]
+
+
+def test_a_read_pinned_at_the_latest_version_reuses_the_held_handle(store, monkeypatch):
+    """A flow reads each input at the version its StageRef names, usually the one just written: that read
+    must cost what a latest read costs (no DeltaTable opened, so no log replay), and older versions,
+    another process's newer commit and a remade table must still read right."""
+    for r in range(3):
+        tables.write_partition(
+            store, "rewards", rewards_frame("a", r, seed=r), partition={"experiment": "a", "round": r}
+        )
+    latest = tables.version(store, "rewards")
+    opened = []
+    delta_table = tables.DeltaTable
+
+    class CountingDeltaTable(delta_table):
+        def __init__(self, *args, **kwargs):
+            opened.append(kwargs.get("version"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tables, "DeltaTable", CountingDeltaTable)
+    assert tables.open_table(store, "rewards", latest) is tables.open_table(store, "rewards")
+    pinned = tables.read(store, "rewards", version=latest, experiment="a", round=1)
+    assert_frame_equal(pinned, tables.read(store, "rewards", experiment="a", round=1))
+    assert tables.files(store, "rewards", version=latest, where={"experiment": "a"}) == tables.files(store, "rewards")
+    assert opened == []
+    # an older version opens its own handle and reads as it was
+    assert tables.read(store, "rewards", version=0)["round"].unique().to_list() == [0]
+    assert opened == [0]
+    assert tables.read(store, "rewards", version=latest).height == 3 * rewards_frame().height
+
+    # another process commits: the held handle (still at `latest`) serves `latest`, the new version opens
+    child = f"""
+import sys; sys.path[:0] = {[str(TESTS), str(REPO)]!r}
+from frames import rewards_frame
+from storage import tables
+tables.write_partition({store!r}, "rewards", rewards_frame("a", 0, seed=9, n_prompts=5), partition={{"experiment": "a", "round": 0}})
+"""
+    subprocess.run([sys.executable, "-c", child], check=True, env=child_env(), cwd=REPO, timeout=120)
+    opened.clear()
+    assert tables.read(store, "rewards", version=latest, experiment="a", round=0).height == rewards_frame().height
+    assert opened == []
+    assert tables.read(store, "rewards", version=latest + 1, experiment="a", round=0).height == 15
+    assert tables.read(store, "rewards", experiment="a", round=0).height == 15
+
+    # a table remade at the same path: its version 0 is not the old handle's
+    shutil.rmtree(Path(store) / "tables" / "rewards")
+    tables.write_partition(store, "rewards", rewards_frame("c", 0), partition={"experiment": "c", "round": 0})
+    assert tables.read(store, "rewards", version=0)["experiment"].unique().to_list() == ["c"]
+
+
+def test_a_pinned_read_is_not_moved_by_a_commit_while_it_reads(store):
+    """The held handle moves on when this process opens the table's latest version (another thread's write,
+    say) while a pinned read uses it: the read notices and reads its version on a handle of its own."""
+    tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
+    pinned = tables.version(store, "rewards")
+    before = tables.files(store, "rewards", version=pinned)
+    calls = []
+
+    def use(dt):
+        calls.append(dt.version())
+        if len(calls) == 1:  # a commit lands in the middle of the read and the held handle follows it
+            frame = rewards_frame("a", 1)
+            tables.write_partition(store, "rewards", frame, partition={"experiment": "a", "round": 1})
+            assert tables.open_table(store, "rewards") is dt
+        return dt.file_uris()
+
+    assert sorted(tables._at_version(store, "rewards", pinned, use)) == sorted(before)
+    assert calls == [pinned, pinned]
+    assert len(tables.files(store, "rewards")) == 2
+
+
+def test_a_partition_read_opens_only_that_partitions_files(store):
+    """read, files and the catalog's partition views select files by partition: the other partitions'
+    files are never opened (here: they are gone from disk, and nothing notices)."""
+    for experiment in ("a", "b"):
+        for r in range(2):
+            frame = rewards_frame(experiment, r, seed=r)
+            tables.write_partition(store, "rewards", frame, partition={"experiment": experiment, "round": r})
+    keep = set(tables.files(store, "rewards", where={"experiment": "a", "round": 1}))
+    assert len(keep) == 1 and len(tables.files(store, "rewards")) == 4
+    assert len(tables.files(store, "rewards", where={"experiment": "b", "round": [0, 1, 7], "sample_idx": 3})) == 2
+    for path in set(tables.files(store, "rewards")) - keep:
+        Path(path).unlink()
+    assert_frame_equal(
+        sorted_rows(tables.read(store, "rewards", experiment="a", round=1), "rewards"),
+        sorted_rows(rewards_frame("a", 1, seed=1), "rewards"),
+    )
+    con = catalog.connect_partition(store, ["rewards"], {"experiment": "a", "round": 1})
+    assert con.sql("select count(*) from rewards").fetchall() == [(rewards_frame().height,)]
 
 
 # --- lineage ---------------------------------------------------------------------------------------------
@@ -390,36 +479,45 @@ def _record(store, key, status="done", rows=6, round=0, stage="advantages"):
     )
 
 
-def test_completed_needs_the_last_done_run_and_the_rows_to_carry_the_key(store):
-    assert not lineage.completed(store, "a", 0, "advantages", "K1")  # nothing yet
+def _done_with(store, key, round=0, experiment="a") -> bool:
+    """What a flow asks before it skips a stage: its last finished run has `key` and the output carries it."""
+    done = lineage.last_done(store, experiment, round, "advantages")
+    if done is None or done["stage_key"] != key:
+        return False
+    where = {"experiment": experiment, "round": round}
+    return lineage.output_holds(store, "advantages", where, key, empty_ok=done["rows"] == 0)
+
+
+def test_last_done_and_output_holds_need_the_last_done_run_and_the_rows_to_carry_the_key(store):
+    assert not _done_with(store, "K1")  # nothing yet
     tables.write_partition(
         store, "advantages", advantages_frame("a", 0), partition={"experiment": "a", "round": 0}, stage_key="K1"
     )
-    assert not lineage.completed(store, "a", 0, "advantages", "K1")  # rows but no recorded run
+    assert not _done_with(store, "K1")  # rows but no recorded run
     _record(store, "K1")
-    assert lineage.completed(store, "a", 0, "advantages", "K1")
-    assert not lineage.completed(store, "a", 0, "advantages", "K2")
-    assert not lineage.completed(store, "a", 1, "advantages", "K1")  # other round
-    assert not lineage.completed(store, "b", 0, "advantages", "K1")  # other experiment
+    assert _done_with(store, "K1")
+    assert not _done_with(store, "K2")
+    assert not _done_with(store, "K1", round=1)  # other round
+    assert not _done_with(store, "K1", experiment="b")  # other experiment
 
     _record(store, "K2", status="failed")  # a failed run does not undo the done one
-    assert lineage.completed(store, "a", 0, "advantages", "K1")
+    assert _done_with(store, "K1")
 
     # the partition is overwritten with another key's rows: K1 is no longer done, even by its own record
     tables.write_partition(
         store, "advantages", advantages_frame("a", 0), partition={"experiment": "a", "round": 0}, stage_key="K2"
     )
-    assert not lineage.completed(store, "a", 0, "advantages", "K1")
-    assert not lineage.completed(store, "a", 0, "advantages", "K2")  # written but not recorded as done
+    assert not _done_with(store, "K1")
+    assert not _done_with(store, "K2")  # written but not recorded as done
     _record(store, "K2")
-    assert lineage.completed(store, "a", 0, "advantages", "K2")
-    assert not lineage.completed(store, "a", 0, "advantages", "K1")
+    assert _done_with(store, "K2")
+    assert not _done_with(store, "K1")
 
     # a run recorded as done whose partition holds no rows: done only if it wrote zero rows
     _record(store, "K3", round=1, rows=6)
-    assert not lineage.completed(store, "a", 1, "advantages", "K3")
+    assert not _done_with(store, "K3", round=1)
     _record(store, "K4", round=2, rows=0)
-    assert lineage.completed(store, "a", 2, "advantages", "K4")
+    assert _done_with(store, "K4", round=2)
 
     runs = lineage.runs(store, "a")
     assert runs["stage_key"].to_list() == ["K1", "K2", "K2", "K3", "K4"]
@@ -468,20 +566,20 @@ lineage.record_run({store!r}, experiment="a", round=0, stage="rewards", key="fro
     assert lineage.last_done(store, "a", 0, "rewards")["stage_key"] == "from-another-process"
 
 
-def test_views_sql_is_rewritten_once_per_block(store):
+def test_writes_leave_views_sql_to_write_views_sql(store):
+    """tables writes and reads tables only: views.sql appears when a flow asks for it, after a stage."""
     views = Path(store) / "views.sql"
     tables.write_partition(store, "rewards", rewards_frame("a", 0), partition={"experiment": "a", "round": 0})
+    _record(store, "K1")
+    tables.compact(store, "stage_runs")
+    assert not views.exists()
+    assert catalog.write_views_sql(store) == views
     before = views.read_text()
-    with tables.views_rewritten_once(store):
-        tables.write_partition(store, "advantages", advantages_frame("a", 0), partition={"experiment": "a", "round": 0})
-        _record(store, "K1")
-        assert views.read_text() == before  # held while the block runs
-    after = views.read_text()
-    assert "/advantages/" in after and "/stage_runs/" in after and "/advantages/" not in before
-    with pytest.raises(RuntimeError), tables.views_rewritten_once(store):
-        tables.write_partition(store, "advantages", advantages_frame("a", 1), partition={"experiment": "a", "round": 1})
-        raise RuntimeError("stage failed after writing")
-    assert "round=1" in views.read_text()  # a failing block still leaves views.sql current
+    assert "/rewards/" in before and "/stage_runs/" in before and "/advantages/" not in before
+    tables.write_partition(store, "advantages", advantages_frame("a", 0), partition={"experiment": "a", "round": 0})
+    assert views.read_text() == before
+    catalog.write_views_sql(store)
+    assert "/advantages/" in views.read_text()
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------

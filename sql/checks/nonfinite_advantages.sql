@@ -1,4 +1,3 @@
--- stage: advantages
 -- Advantages or baselines that are NaN or infinite.
 with final as (
     select experiment, round, prompt_id, sample_idx, baseline, advantage

@@ -1,4 +1,3 @@
--- stage: rollouts
 -- Rollouts whose behaviour log-probs are above 0 (a probability above 1) or not finite.
 with final as (
     select experiment, round, prompt_id, sample_idx, behaviour_logprob, behaviour_logprobs

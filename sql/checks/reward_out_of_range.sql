@@ -1,4 +1,3 @@
--- stage: rewards
 -- Rewards outside the configured [incorrect, correct] range, or not finite.
 with final as (
     select experiment, round, prompt_id, sample_idx, reward, outcome

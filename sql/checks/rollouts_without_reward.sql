@@ -1,4 +1,3 @@
--- stage: rewards
 -- Rollouts of the round that have no reward row.
 with final as (
     select r.experiment, r.round, r.prompt_id, r.sample_idx
