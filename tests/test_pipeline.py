@@ -279,3 +279,35 @@ def test_the_field_sweep_sees_every_field():
     """A new config field must come with a default the sweep can change (else the sweep would skip it)."""
     for path, info in leaf_fields():
         assert info.default is not PydanticUndefined, path
+
+
+def test_accelerator_stages_and_only_they_read_the_device():
+    """`runs_on` says which stages a launcher may move to an accelerator: exactly those that pick a device."""
+    for name, stage in PIPELINE.items():
+        assert ("device" in stage.config) == (stage.runs_on == "accelerator"), name
+
+
+def test_a_stage_reads_its_input_at_the_version_its_ref_names(tmp_path):
+    """A later write to the input partition (another run, a recompute) does not change what the stage reads."""
+    import polars as pl
+
+    from flows.materialize import Plan, StageRef, materialize
+    from storage import tables
+
+    store = str(tmp_path)
+    cfg = load_config(None, [f"store={store}", "name=pinned"])
+    part = {"experiment": "pinned", "round": 0}
+
+    def rewards(value: float) -> pl.DataFrame:
+        return pl.DataFrame(
+            {"experiment": "pinned", "round": 0, "prompt_id": ["p", "p"], "sample_idx": [0, 1],
+             "extracted_answer": ["1", "2"], "reward": [value, 0.0], "outcome": ["correct", "incorrect"],
+             "verifier": "numeric", "verifier_version": "1"},
+            schema_overrides={"round": pl.Int32, "sample_idx": pl.Int32},
+        )  # fmt: skip
+
+    first = tables.write_partition(store, "rewards", rewards(1.0), partition=part, stage_key="r1")
+    tables.write_partition(store, "rewards", rewards(0.5), partition=part, stage_key="r2")
+    ref = StageRef("rewards", "rewards", 0, "r1", first, 2, skipped=False, where=part)
+    materialize("advantages", cfg, Plan(), 0, [ref])
+    assert tables.read(store, "advantages")["group_mean_reward"].to_list() == [0.5, 0.5]  # (1.0 + 0.0) / 2
