@@ -124,7 +124,7 @@ def instrument(ledger: Ledger) -> None:
         (storage.checks, "connect_partition", "catalog: connect (views of the checked partition)"),
         (storage.checks, "connect", "catalog: connect (views over every table)"),  # before 2026-12-01
         (flows.materialize, "run_checks", "checks"),
-        (lineage, "stage_key", "lineage"),
+        (flows.pipeline, "stage_key", "lineage"),
         (lineage, "last_done", "lineage"),
         (lineage, "output_holds", "lineage"),
         (lineage, "record_run", "lineage"),

@@ -12,7 +12,7 @@ import polars as pl
 import torch
 
 from flows import progress
-from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, upstream_tables
+from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, stage_key, upstream_tables
 from stages.config import ExperimentConfig
 from storage import catalog, checkpoints, lineage, tables
 from storage.checks import CheckFailed, run_checks
@@ -130,11 +130,10 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
     settings = Settings(cfg, stage)
     where = stage.where(settings, experiment, round)
     table = stage.writes[0]
-    code = CODE_VERSIONS[stage.name]
-    key = lineage.stage_key(stage.name, settings.as_dict(), [i.key for i in inputs], code)
+    key = stage_key(stage, settings, [i.key for i in inputs])
     record = dict(
-        experiment=experiment, round=round, stage=stage.name, config=settings.as_dict(), code_version=code,
-        input_versions={i.table: i.version for i in inputs},
+        experiment=experiment, round=round, stage=stage.name, config=settings.as_dict(),
+        code_version=CODE_VERSIONS[stage.name], input_versions={i.table: i.version for i in inputs},
     )  # fmt: skip
     label = f"round {round}: {stage.name}" if stage.per_round else stage.name
 

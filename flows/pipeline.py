@@ -409,6 +409,6 @@ def _code_version(stage: Stage) -> str:
 CODE_VERSIONS = {name: _code_version(stage) for name, stage in PIPELINE.items()}
 
 
-def stage_key(stage: Stage, cfg: ExperimentConfig, input_keys: list[str]) -> str:
+def stage_key(stage: Stage, settings: Settings, input_keys: list[str]) -> str:
     """hash(stage name, the config it reads, its inputs' keys, its code version)."""
-    return lineage.stage_key(stage.name, Settings(cfg, stage).as_dict(), input_keys, CODE_VERSIONS[stage.name])
+    return lineage.stage_key(stage.name, settings.as_dict(), input_keys, CODE_VERSIONS[stage.name])

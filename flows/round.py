@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.materialize import Plan, StageRef, materialize
-from flows.pipeline import PIPELINE, stage_key
+from flows.pipeline import PIPELINE, Settings, stage_key
 from stages.config import ExperimentConfig
 
 # one Prefect task per stage, named after it, with the stage's retries
@@ -49,7 +49,8 @@ def planned_keys(cfg: ExperimentConfig, rounds: int) -> tuple[dict, dict]:
 
     def run(name: str, k: int, *refs) -> types.SimpleNamespace:
         node = (name, k)
-        keys[node] = stage_key(PIPELINE[name], cfg, [r.key for r in refs])
+        stage = PIPELINE[name]
+        keys[node] = stage_key(stage, Settings(cfg, stage), [r.key for r in refs])
         inputs[node] = [r.node for r in refs]
         return types.SimpleNamespace(key=keys[node], node=node)
 
