@@ -81,6 +81,19 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(6, ge=1, description="generation length limit")
     batch_size: int = Field(2048, ge=1, description="hf: sequences per generate call")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: share of GPU memory it may take")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans (tensor parallel)")
+    engines: int | None = Field(
+        None,
+        ge=1,
+        description="vllm: engine processes on disjoint prompt shards, each on its own GPUs (default: visible GPUs "
+        "// tensor_parallel_size)",
+    )
+    max_num_seqs: int = Field(256, ge=1, description="vllm: most sequences one engine step schedules")
+    enable_prefix_caching: bool = Field(True, description="vllm: reuse the KV cache of a prompt's G samples")
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vllm: dtype of the engine's weights (auto: the checkpoint's)"
+    )
 
     @field_validator("samples_per_prompt")
     @classmethod
@@ -161,6 +174,9 @@ class TrainConfig(_Section):
         "recompute", description="μ's log-probs: recomputed by the trainer before the first update, or the engine's"
     )
     keep_optimizer: bool = Field(True, description="carry AdamW state (and the warmup clock) across rounds")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (less memory, ~30 % more compute)"
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:
@@ -181,6 +197,48 @@ class EvalConfig(_Section):
     max_new_tokens: int | None = Field(None, ge=1, description="length limit (default: rollout.max_new_tokens)")
 
 
+class Launcher(_Section):
+    kind: Literal["inline", "process", "torchrun"] = Field(
+        "inline",
+        description="inline: in the flow's process; process: a fresh child process that exits after the stage "
+        "(frees all its GPU memory); torchrun: train only, ranks under torch.distributed (FSDP2)",
+    )
+    nproc_per_node: int = Field(1, ge=1, description="torchrun: ranks on this machine (one per GPU)")
+    nnodes: int = Field(1, ge=1, description="torchrun: machines taking part")
+    node_rank: int = Field(0, ge=0, description="torchrun: this machine's rank among nnodes")
+    rdzv_endpoint: str | None = Field(None, description="torchrun: host:port of the rendezvous (nnodes > 1)")
+
+    @model_validator(mode="after")
+    def _nodes(self) -> Launcher:
+        if self.kind != "torchrun" and (self.nproc_per_node, self.nnodes) != (1, 1):
+            raise ValueError(f"nproc_per_node/nnodes apply to kind=torchrun, not kind={self.kind}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port reachable from every node)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
+        return self
+
+
+class LaunchConfig(_Section):
+    """Where each accelerator stage runs. Not in any stage key: a launcher changes where a stage computes,
+    not what (torchrun ranks agree with one process to float rounding)."""
+
+    base: Launcher = Launcher()
+    rollouts: Launcher = Launcher()
+    train: Launcher = Launcher()
+    eval: Launcher = Launcher()
+
+    @model_validator(mode="after")
+    def _torchrun_trains(self) -> LaunchConfig:
+        for name in ("base", "rollouts", "eval"):
+            if getattr(self, name).kind == "torchrun":
+                raise ValueError(
+                    f"launch.{name}.kind=torchrun: only train runs under torchrun; use process "
+                    "(vLLM spreads rollouts over GPUs itself: rollout.engines / rollout.tensor_parallel_size)"
+                )
+        return self
+
+
 class ExperimentConfig(_Section):
     name: str = Field("default", description="experiment name: letters, digits, '-', '_' and '.'")
     store: str = Field("./store", description="store root (path or URI)")
@@ -195,6 +253,7 @@ class ExperimentConfig(_Section):
     curation: CurationConfig = CurationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
 
     @field_validator("name")
     @classmethod

@@ -33,32 +33,73 @@ def left_pad_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence
     return LeftPadBatch(input_ids, attention_mask, position_ids, completion_mask)
 
 
-def completion_logprobs(model, batch: LeftPadBatch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, C) log-softmax(logits / temperature) at the completion tokens (garbage where completion_mask is 0).
+class CompletionScorer(torch.nn.Module):
+    """A causal LM that returns the log-probs of completion tokens instead of logits. Under FSDP2 it is the
+    root module (its decoder layers are sharded units), so every forward the trainer makes goes through it.
 
-    Differentiable: the trainer calls it under autograd. Only the last C+1 positions go through the LM head.
+    forward(...) -> (B, C) log-softmax(logits / temperature) at the completion tokens, with top-k / top-p
+    truncation (renormalised over the kept tokens, as the samplers store them) when asked; garbage where
+    completion_mask is 0.
     """
-    c_width = batch.completion_mask.shape[1]
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=c_width + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (B, C, V): position t predicts token t+1
-    targets = batch.input_ids[:, -c_width:]  # (B, C)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        completion_width: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> torch.Tensor:
+        if top_k or top_p < 1.0:
+            raise NotImplementedError("top-k / top-p truncation")
+        logits = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=completion_width + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (B, C, V): position t predicts token t+1
+        targets = input_ids[:, -completion_width:]  # (B, C)
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def scorer(model: torch.nn.Module) -> CompletionScorer:
+    """`model` itself when it is a CompletionScorer (e.g. FSDP-wrapped), else a scorer around it."""
+    return model if isinstance(model, CompletionScorer) else CompletionScorer(model)
+
+
+def completion_logprobs(
+    model, batch: LeftPadBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """(B, C) log-probs at the completion tokens (garbage where completion_mask is 0), from a causal LM or a
+    CompletionScorer. Differentiable: the trainer calls it under autograd."""
+    return scorer(model)(
+        batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_mask.shape[1], temperature,
+        top_k, top_p,
+    )  # fmt: skip
 
 
 def token_logprobs(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float, pad_id: int
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    temperature: float,
+    pad_id: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) at temperature T for every completion token, (B, T) with token t of each
     completion at column t, and its (B, T) mask: `completion_logprobs` re-aligned to the left."""
     device = next(model.parameters()).device
     batch = LeftPadBatch(*(t.to(device) for t in left_pad_batch(prompts, completions, pad_id)))
-    right = completion_logprobs(model, batch, temperature)  # (B, C): completion i ends at column C
+    right = completion_logprobs(model, batch, temperature, top_k, top_p)  # (B, C): completion i ends at column C
     width = right.shape[1]
     lengths = torch.tensor([len(c) for c in completions], device=device)
     columns = torch.arange(width, device=device)
@@ -75,8 +116,11 @@ def recompute_logprobs(
     temperature: float,
     batch_size: int,
     pad_id: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> list[list[float]]:
-    """Per completion token log-softmax(logits / temperature) of every row ([] for an empty completion).
+    """Per completion token log-softmax(logits / temperature) of every row ([] for an empty completion),
+    truncated to top-k / top-p and renormalised when those are set (as the samplers store μ).
 
     Rows go through in order of prompt + completion length (less padding), batch_size at a time, and come
     back in their own order.
@@ -89,7 +133,9 @@ def recompute_logprobs(
         completions = [list(completion_ids[i]) for i in chunk]
         if max(len(c) for c in completions) == 0:
             continue  # nothing to score, and a zero-width completion slice would take the whole row
-        logp, _ = token_logprobs(model, [list(prompt_ids[i]) for i in chunk], completions, temperature, pad_id)
+        logp, _ = token_logprobs(
+            model, [list(prompt_ids[i]) for i in chunk], completions, temperature, pad_id, top_k, top_p
+        )
         logp = logp.cpu()
         for j, i in enumerate(chunk):
             out[i] = logp[j, : len(completions[j])].tolist()
