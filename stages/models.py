@@ -165,18 +165,32 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.d
             "check model.name, or give a hub id"
         )
     try:
-        tokenizer = _load_tokenizer(name)
+        tokenizer = load_tokenizer(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         raise PolicyLoadError(
             f"could not load model {name!r}: {str(err).splitlines()[0].rstrip('.')}. Give a local save_pretrained folder, or a "
             "hub id that is reachable or already in the Hugging Face cache (model.name)"
         ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(name: str):
+    """The policy's tokenizer, left-padded, with a pad token (its eos when it has none)."""
+    tokenizer = _load_tokenizer(name)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PolicyLoadError(f"the tokenizer of {name} has neither a pad nor an eos token; add one and save it")
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return tokenizer
+
+
+def load_sampler(name_or_path: str, dtype: str, device: str | torch.device, engine: str):
+    """What a generating stage needs: (model, tokenizer) for the hf engine; (None, tokenizer) for vLLM, which
+    loads the folder itself (a copy of the weights here would only take GPU memory from it)."""
+    if engine == "hf":
+        return load_policy(name_or_path, dtype, device)
+    return None, load_tokenizer(str(name_or_path))
 
 
 def _load_tokenizer(name: str):

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -40,11 +47,26 @@ class Sampling(NamedTuple):
 
 
 class Engine(NamedTuple):
-    """Which engine generates ("hf" or "vllm") and its settings: hf sequences per call, vLLM's GPU share."""
+    """Which engine generates ("hf" or "vllm") and its settings (hf: sequences per call; the rest: vLLM's)."""
 
     name: str
     batch_size: int
     gpu_memory_utilization: float
+    tensor_parallel_size: int = 1
+    engines: int | None = None  # vLLM engine processes on disjoint prompt shards (None: visible GPUs // TP)
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    dtype: str = "auto"
+
+    @classmethod
+    def of(cls, rollout) -> Engine:
+        """From the rollout section (or a stage's view of its engine fields)."""
+        return cls(
+            rollout.engine, rollout.batch_size, rollout.gpu_memory_utilization, rollout.tensor_parallel_size,
+            rollout.engines, rollout.max_num_seqs, rollout.enable_prefix_caching, rollout.enforce_eager,
+            rollout.dtype,
+        )  # fmt: skip
 
 
 class SamplingSpec(NamedTuple):
@@ -73,10 +95,16 @@ def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [x[1:] if bos is not None and x[:2] == [bos, bos] else list(x) for x in ids]
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a completion: the tokenizer's eos and the model's generation_config eos."""
+def eos_token_ids(model, tokenizer, model_path: str | None = None) -> list[int]:
+    """Every token that ends a completion: the tokenizer's eos and the generation_config eos (the model's, or
+    the folder's when there is no model in this process, as with vLLM)."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = getattr(model, "generation_config", None)
+    if config is None and model_path is not None and (Path(model_path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(model_path)
+    gen_eos = getattr(config, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
 
@@ -175,19 +203,20 @@ def _check_length(model, prompt_ids: list[list[int]], max_new_tokens: int) -> No
 
 def vllm_generate(
     model_path: str,
-    tokenizer,
+    eos: list[int],
     prompt_ids: list[list[int]],
     spec: SamplingSpec,
+    engine: Engine,
     *,
     seed: int,
-    gpu_memory_utilization: float,
-    dtype: str = "auto",
-    enforce_eager: bool = False,
+    first_index: int = 0,
 ) -> list[Sample]:
-    """spec.n completions per prompt with vLLM; log-probs are vLLM's processed ones (after temperature etc.).
+    """spec.n completions per prompt with one vLLM engine; log-probs are vLLM's processed ones (after
+    temperature, top-k and top-p, renormalised: what μ sampled from).
 
-    Prompt i is one request seeded derived_seed(seed, i) (vLLM seeds its n children seed+j), so results do
-    not depend on how vLLM batches. The engine is torn down before returning, to give the GPU to the trainer.
+    Prompt i is one request seeded derived_seed(seed, first_index + i) (vLLM seeds its n children from it),
+    so results depend neither on how vLLM batches nor on how prompts are sharded over engines. The engine is
+    torn down before returning, to give the GPU back.
     """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -196,14 +225,17 @@ def vllm_generate(
     llm = LLM(
         model=str(model_path),
         seed=seed,
-        dtype=dtype,
+        dtype=engine.dtype,
         logprobs_mode="processed_logprobs",
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        max_num_seqs=engine.max_num_seqs,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        enforce_eager=engine.enforce_eager,
         max_model_len=max_len,
     )
     try:
-        request_seeds = [derived_seed(seed, i) for i in range(len(prompt_ids))]
+        request_seeds = [derived_seed(seed, first_index + i) for i in range(len(prompt_ids))]
         params = [
             SamplingParams(
                 n=spec.n,
@@ -217,7 +249,6 @@ def vllm_generate(
             for s in request_seeds
         ]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        eos = eos_token_ids(None, tokenizer)
         samples = []
         for i, request in enumerate(outputs):
             for j, completion in enumerate(request.outputs):
@@ -226,13 +257,120 @@ def vllm_generate(
                 ids, lps, reason = _cut_at_eos(ids, lps, eos)
                 # vLLM also stops on the model's generation_config eos list, which `eos` may not hold
                 reason = "stop" if completion.finish_reason == "stop" else reason
-                samples.append(Sample(i, j, ids, lps, reason, request_seeds[i]))
+                samples.append(Sample(first_index + i, j, ids, lps, reason, request_seeds[i]))
         return samples
     finally:
         del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def hf_shard(
+    model_path: str,
+    eos: list[int],
+    prompt_ids: list[list[int]],
+    spec: SamplingSpec,
+    engine: Engine,
+    *,
+    seed: int,
+    first_index: int = 0,
+) -> list[Sample]:
+    """The hf engine on one shard, loading the checkpoint folder itself (what a shard process runs for hf)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    samples = hf_generate(model, tokenizer, prompt_ids, spec, batch_size=engine.batch_size, seed=seed, device="cpu")
+    return [s._replace(prompt_index=s.prompt_index + first_index) for s in samples]
+
+
+SHARD_WORKERS = {"vllm": vllm_generate, "hf": hf_shard}
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (or 0..n-1)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges splitting n items into `parts` shards whose sizes differ by ≤ 1."""
+    parts = max(1, min(parts, n))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def run_shards(
+    worker: str,
+    model_path: str,
+    eos: list[int],
+    prompt_ids: list[list[int]],
+    spec: SamplingSpec,
+    engine: Engine,
+    *,
+    seed: int,
+    parts: int,
+    devices: list[list[str]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Sample]:
+    """`worker` on `parts` disjoint contiguous prompt shards, each in its own process (`python -m
+    stages.rollout SHARD`) seeing only its GPUs (devices[i] → CUDA_VISIBLE_DEVICES); all shards' samples,
+    ordered by (prompt, sample_idx). A shard that fails raises with its exit code and the tail of its output."""
+    bounds = shard_bounds(len(prompt_ids), parts)
+    total = len(prompt_ids) * spec.n
+    with tempfile.TemporaryDirectory(prefix="asymre-shards-") as tmp:
+        procs = []
+        for i, (start, stop) in enumerate(bounds):
+            job = Path(tmp) / f"shard-{i}.pkl"
+            job.write_bytes(pickle.dumps(
+                dict(worker=worker, model_path=str(model_path), eos=eos, prompt_ids=prompt_ids[start:stop],
+                     spec=tuple(spec), engine=tuple(engine), seed=seed, first_index=start)
+            ))  # fmt: skip
+            env = dict(os.environ)
+            if devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i])
+            log = (Path(tmp) / f"shard-{i}.log").open("w")
+            procs.append((i, start, stop, job, log, subprocess.Popen(
+                [sys.executable, "-m", "stages.rollout", str(job)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )))  # fmt: skip
+        samples: list[Sample] = []
+        done = 0
+        try:
+            for i, start, stop, job, log, proc in procs:
+                code = proc.wait()
+                log.close()
+                if code != 0:
+                    tail = "\n".join(Path(log.name).read_text(errors="replace").splitlines()[-30:])
+                    raise RuntimeError(
+                        f"rollout shard {i} (prompts {start}..{stop - 1}, {worker} engine) exited with code {code}; "
+                        f"the last lines of its output:\n{tail}"
+                    )
+                samples += [Sample(*t) for t in pickle.loads(job.with_suffix(".out").read_bytes())]
+                done += (stop - start) * spec.n
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            for *_, log, proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+    return samples
+
+
+def _shard_main(job: Path) -> None:
+    task = pickle.loads(job.read_bytes())
+    worker = SHARD_WORKERS[task["worker"]]
+    samples = worker(
+        task["model_path"], task["eos"], task["prompt_ids"], SamplingSpec(*task["spec"]), Engine(*task["engine"]),
+        seed=task["seed"], first_index=task["first_index"],
+    )  # fmt: skip
+    out = job.with_suffix(".out")
+    out.with_suffix(".tmp").write_bytes(pickle.dumps([tuple(s) for s in samples]))
+    out.with_suffix(".tmp").rename(out)
 
 
 # ---------------------------------------------------------------- the stage
@@ -262,7 +400,7 @@ def generate_rollouts(
     spec = SamplingSpec(
         config.samples_per_prompt, True, config.temperature, config.top_k, config.top_p, config.max_new_tokens
     )
-    engine = Engine(config.engine, config.batch_size, config.gpu_memory_utilization)
+    engine = Engine.of(config)
     samples = run_engine(
         model, tokenizer, prompt_ids, spec, engine, seed=seed, device=device, model_path=model_path, progress=progress
     )
@@ -309,12 +447,27 @@ def run_engine(
     if engine.name == "vllm":
         if model_path is None:
             raise ValueError("rollout.engine=vllm loads the policy from a folder: pass model_path")
-        samples = vllm_generate(
-            model_path, tokenizer, prompt_ids, spec, seed=seed, gpu_memory_utilization=engine.gpu_memory_utilization
-        )
-        if progress is not None:
-            progress(len(samples), len(samples))
-        return samples
+        eos = eos_token_ids(model, tokenizer, model_path)
+        gpus = visible_gpus()
+        tp = engine.tensor_parallel_size
+        parts = engine.engines or max(1, len(gpus) // tp)
+        if parts == 1:  # one engine, in this process (which a `process` launcher makes a fresh one)
+            samples = vllm_generate(model_path, eos, prompt_ids, spec, engine, seed=seed)
+            if progress is not None:
+                progress(len(samples), len(samples))
+            return samples
+        if parts * tp > len(gpus):
+            raise ValueError(
+                f"rollout.engines={parts} × rollout.tensor_parallel_size={tp} needs {parts * tp} GPUs; "
+                f"{len(gpus)} are visible"
+            )
+        devices = [gpus[i * tp : (i + 1) * tp] for i in range(parts)]
+        return run_shards("vllm", model_path, eos, prompt_ids, spec, engine, seed=seed, parts=parts, devices=devices,
+                          progress=progress)  # fmt: skip
     return hf_generate(
         model, tokenizer, prompt_ids, spec, batch_size=engine.batch_size, seed=seed, device=device, progress=progress
     )
+
+
+if __name__ == "__main__":  # a rollout shard process (run_shards)
+    _shard_main(Path(sys.argv[1]))

@@ -20,7 +20,12 @@ from flows.round import experiment_start, planned_keys, round_steps
 from stages.config import ExperimentConfig
 
 # Fields that say where and how long an experiment runs, not what a stage computes: no key may hold them.
-RUN_FIELDS = {"name": "partitions the rows", "store": "where the tables live", "rounds": "how many rounds run"}
+RUN_FIELDS = {
+    "name": "partitions the rows",
+    "store": "where the tables live",
+    "rounds": "how many rounds run",
+    "launch": "in which process a stage runs",
+}
 
 
 # ---- the key of every stage over two rounds, by walking the flow's own wiring ---------------------
@@ -30,14 +35,15 @@ def stage_keys(cfg: ExperimentConfig, rounds: int = 2) -> tuple[dict, dict]:
     return planned_keys(cfg, rounds)
 
 
-def leaf_fields() -> list[tuple[str, object]]:
-    """(dotted path, pydantic FieldInfo) of every field of the experiment config, sections expanded."""
+def leaf_fields(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted path, pydantic FieldInfo) of every field of the experiment config, sections expanded (at any
+    depth: launch.train.kind)."""
     out = []
-    for name, info in ExperimentConfig.model_fields.items():
+    for name, info in model.model_fields.items():
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            out += [(f"{name}.{sub}", subinfo) for sub, subinfo in info.annotation.model_fields.items()]
+            out += leaf_fields(info.annotation, f"{prefix}{name}.")
         else:
-            out.append((name, info))
+            out.append((f"{prefix}{name}", info))
     return out
 
 
@@ -103,14 +109,17 @@ def downstream(nodes: set, inputs: dict) -> set:
     return out
 
 
-@pytest.mark.parametrize("path,info", leaf_fields(), ids=[p for p, _ in leaf_fields()])
+SWEPT = [(p, info) for p, info in leaf_fields() if not p.startswith("launch.")]  # launchers: the test below
+
+
+@pytest.mark.parametrize("path,info", SWEPT, ids=[p for p, _ in SWEPT])
 def test_a_field_changes_the_keys_of_its_readers_and_their_downstream(path, info):
     base = ExperimentConfig()
     keys, inputs = stage_keys(base)
     other, _ = stage_keys(changed(base, path, info))
     moved = {node for node in keys if keys[node] != other[node]}
-    if path in RUN_FIELDS:
-        assert moved == set(), f"{path} ({RUN_FIELDS[path]}) must be in no stage key"
+    if path.split(".")[0] in RUN_FIELDS:
+        assert moved == set(), f"{path} ({RUN_FIELDS[path.split('.')[0]]}) must be in no stage key"
         return
     stages = readers(path)
     assert stages, (
@@ -120,6 +129,22 @@ def test_a_field_changes_the_keys_of_its_readers_and_their_downstream(path, info
     assert moved == expected, (
         f"{path}: keys moved {sorted(moved - expected)} unexpectedly, kept {sorted(expected - moved)}"
     )
+
+
+def test_launchers_are_in_no_key():
+    """Where a stage runs (inline, a child process, torchrun ranks) is not what it computes."""
+    moved_all = load_config(None, [
+        "launch.base.kind=process", "launch.rollouts.kind=process", "launch.eval.kind=process",
+        "launch.train.kind=torchrun", "launch.train.nproc_per_node=2", "launch.train.nnodes=2",
+        "launch.train.node_rank=1", "launch.train.rdzv_endpoint=10.0.0.1:29400",
+    ])  # fmt: skip
+    default = ExperimentConfig().launch
+    for stage in type(default).model_fields:  # every stage's launcher moved, and every field of train's
+        assert getattr(moved_all.launch, stage).kind != getattr(default, stage).kind, stage
+    assert all(
+        getattr(moved_all.launch.train, f) != getattr(default.train, f) for f in type(default.train).model_fields
+    )
+    assert stage_keys(moved_all)[0] == stage_keys(ExperimentConfig())[0]
 
 
 def test_checkpoint_zero_evaluation_follows_sampling_and_verifier():
@@ -311,3 +336,9 @@ def test_a_stage_reads_its_input_at_the_version_its_ref_names(tmp_path):
     ref = StageRef("rewards", "rewards", 0, "r1", first, 2, skipped=False, where=part)
     materialize("advantages", cfg, Plan(), 0, [ref])
     assert tables.read(store, "advantages")["group_mean_reward"].to_list() == [0.5, 0.5]  # (1.0 + 0.0) / 2
+
+
+def test_every_accelerator_stage_has_a_launcher():
+    from stages.config import LaunchConfig
+
+    assert set(LaunchConfig.model_fields) == {n for n, s in PIPELINE.items() if s.runs_on == "accelerator"}
