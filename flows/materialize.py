@@ -1,36 +1,20 @@
 """How a flow runs one stage of the table: compute its stage_key, skip it when its output already holds
-that key, otherwise run it, check what it wrote and record it in `stage_runs`."""
+that key, otherwise run it (where its launcher says: flows/launch.py), check what it wrote and record it
+in `stage_runs`."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
-import polars as pl
-import torch
+from dataclasses import dataclass
 
 from flows import progress
+from flows.launch import StageProcessFailed, StageRef, StageRun, launcher_for, run_stage
 from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, stage_key, upstream_tables
 from stages.config import ExperimentConfig
-from storage import catalog, checkpoints, lineage, tables
+from storage import catalog, lineage, tables
 from storage.checks import CheckFailed, run_checks
-
-
-@dataclass(frozen=True)
-class StageRef:
-    """What a stage task returns: where its output is (table, partition, version), never the data itself."""
-
-    stage: str
-    table: str
-    round: int
-    key: str
-    version: int | None
-    rows: int
-    skipped: bool
-    where: dict = field(default_factory=dict)
-    wall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,53 +43,6 @@ def position(stage: str, round: int) -> tuple[int, int]:
     if stage == "eval":
         return (round - 1, STAGES.index("eval")) if round > 0 else (0, STAGES.index("base"))
     return round, STAGES.index(stage)
-
-
-@dataclass
-class StageRun:
-    """What a stage's function is handed: the settings it may read, its inputs, and where to write."""
-
-    stage: Stage
-    settings: Settings
-    store: str
-    experiment: str
-    round: int
-    key: str
-    where: dict  # the partition of its first output table
-    inputs: dict[str, StageRef]
-    versions: dict[str, int] = field(default_factory=dict)
-
-    def read(self, role: str, columns: list[str] | None = None) -> pl.DataFrame:
-        """The input `role`'s partition, at the version its StageRef names."""
-        ref = self.inputs[role]
-        return tables.read(self.store, ref.table, version=ref.version, columns=columns, **ref.where)
-
-    def checkpoint(self, role: str) -> dict:
-        """The registered checkpoint an input names (its row of `checkpoints`, at the version the ref names)."""
-        ref = self.inputs[role]
-        row = checkpoints.lookup(self.store, self.experiment, ref.where["round"], version=ref.version)
-        if row is None:
-            raise FileNotFoundError(
-                f"checkpoint {ref.where['round']} of {self.experiment} is registered but its folder is gone; "
-                f"rerun with --from-stage {'rollouts' if ref.stage == 'base' else 'train'}"
-            )
-        return row
-
-    def write(self, table: str, frame: pl.DataFrame, partition: dict) -> int:
-        """Replace one partition of `table` with `frame`, every row stamped with this run's key."""
-        version = tables.write_partition(self.store, table, frame, partition=partition, stage_key=self.key)
-        self.versions[table] = version
-        return version
-
-    @property
-    def device(self) -> str:
-        wanted = self.settings.device
-        if wanted == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return wanted
-
-    def progress(self, label: str, total: int | None = None):
-        return progress.REPORTER.stage(label, total)
 
 
 class StoredOutputMissing(RuntimeError):
@@ -161,7 +98,7 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
     started = time.perf_counter()
     run = StageRun(stage, settings, store, experiment, round, key, where, dict(zip(stage.reads, inputs)))
     try:
-        rows = stage.run(run)
+        rows = run_stage(stage, run, launcher_for(cfg, stage), cfg)  # inline, or in a child process
         if "round" in where:  # checks look at one (experiment, round) partition; prompts have none
             run_checks(
                 store, experiment=experiment, round=round, tables=list(stage.writes),
@@ -169,7 +106,7 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
             )  # fmt: skip
     except Exception as err:
         lineage.record_run(store, key=key, rows=0, wall_s=time.perf_counter() - started, status="failed",
-                           message=f"{type(err).__name__}: {err}"[:4000], **record)  # fmt: skip
+                           message=clip(f"{type(err).__name__}: {err}", 4000), **record)  # fmt: skip
         raise
     wall = time.perf_counter() - started
     version = run.versions.get(table, tables.version(store, table))
@@ -177,4 +114,12 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
     return StageRef(stage.name, table, round, key, version, rows, skipped=False, where=where, wall_s=wall)
 
 
-__all__ = ["CheckFailed", "Plan", "StageRef", "StageRun", "StoredOutputMissing", "materialize"]
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters: the start and the end (where a child's output ends with its error)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return f"{text[:head]}\n…\n{text[len(text) - (limit - head - 3) :]}"
+
+
+__all__ = ["CheckFailed", "Plan", "StageProcessFailed", "StageRef", "StageRun", "StoredOutputMissing", "materialize"]

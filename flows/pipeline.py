@@ -22,7 +22,7 @@ from stages.advantage import advantages as advantage_rows
 from stages.config import ExperimentConfig
 from stages.curate import curate
 from stages.evaluate import evaluate
-from stages.models import load_policy, warm_started_policy
+from stages.models import load_policy, load_sampler, warm_started_policy
 from stages.prompts import BUILTIN_DATASET, read_prompts, render_prompts, sample_round_prompts
 from stages.rollout import Engine, Sampling, generate_rollouts
 from stages.train import train_round, training_rows
@@ -144,7 +144,7 @@ def base_checkpoint(run: StageRun) -> int:
 def rollout_rows(run: StageRun) -> int:
     s, k = run.settings, run.round
     ckpt = run.checkpoint("checkpoint")
-    model, tokenizer = load_policy(ckpt["path"], s.model.dtype, run.device)
+    model, tokenizer = load_sampler(ckpt["path"], s.model.dtype, run.device, s.rollout.engine)
     chosen = sample_round_prompts(split(run.read("prompts"), "train"), s.prompts.per_round, k, s.seed)
     chosen = render_prompts(chosen, tokenizer, s.prompts.template, s.prompts.use_chat_template)
     with run.progress(f"round {k}: rollouts", chosen.height * s.rollout.samples_per_prompt) as bar:
@@ -183,25 +183,50 @@ def train_set_rows(run: StageRun) -> int:
 
 
 def trained_checkpoint(run: StageRun) -> int:
-    """π starts at μ_k, trains on the round's selected rows, and becomes checkpoint k+1 (μ_{k+1})."""
+    """π starts at μ_k, trains on the round's selected rows, and becomes checkpoint k+1 (μ_{k+1}).
+
+    Under torchrun (a torch.distributed process group) every rank loads μ_k and trains its share (FSDP2; with
+    model.dtype below float32 the weights load as fp32 masters and train in mixed precision); rank 0 alone
+    saves the checkpoint in model.dtype, writes train_steps and registers it, and tells the others when it is
+    done (or failed), so no rank leaves before the checkpoint exists. Every rank returns the same row count."""
+    import torch.distributed as dist
+
     s, k = run.settings, run.round
+    sharded = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if sharded else 0
     ckpt = run.checkpoint("checkpoint")
-    model, tokenizer = load_policy(ckpt["path"], s.model.dtype, run.device)
+    model, tokenizer = load_policy(ckpt["path"], "float32" if sharded else s.model.dtype, run.device)
     rows = training_rows(run.read("train_set"), run.read("rollouts"), run.read("advantages"), run.read("rewards"))
     steps = s.train.epochs * math.ceil(rows.height / s.train.batch_size)
     with run.progress(f"round {k}: train ({rows.height} rows)", steps) as bar:
         result = train_round(
             model, rows, s.train, experiment=run.experiment, round=k, temperature=s.rollout.temperature,
-            pad_id=tokenizer.pad_token_id, seed=s.seed, optimizer_state=checkpoints.load_optimizer_state(ckpt["path"]),
+            pad_id=tokenizer.pad_token_id, seed=s.seed,
+            optimizer_state=checkpoints.load_optimizer_state(ckpt["path"]) if rank == 0 else None,
             progress=lambda step, n, loss: bar(step, n, f"loss {loss:+.4f}"),
+            top_k=s.rollout.top_k, top_p=s.rollout.top_p, dtype=s.model.dtype,
         )  # fmt: skip
-    folder = checkpoints.checkpoint_dir(run.store, run.experiment, k + 1)
-    checkpoints.save(folder, model, tokenizer, result.optimizer_state)
-    run.write("train_steps", result.steps, {"experiment": run.experiment, "round": k})
-    checkpoints.register(
-        run.store, experiment=run.experiment, round=k + 1, path=folder,
-        parent_version=ckpt["policy_version"], loss=result.mean_loss, stage_key=run.key,
-    )  # fmt: skip
+    failure = None
+    if rank == 0:
+        try:
+            folder = checkpoints.checkpoint_dir(run.store, run.experiment, k + 1)
+            checkpoints.save(
+                folder, model, tokenizer, result.optimizer_state, state_dict=result.model_state, dtype=s.model.dtype
+            )
+            run.write("train_steps", result.steps, {"experiment": run.experiment, "round": k})
+            checkpoints.register(
+                run.store, experiment=run.experiment, round=k + 1, path=folder,
+                parent_version=ckpt["policy_version"], loss=result.mean_loss, stage_key=run.key,
+            )  # fmt: skip
+        except BaseException as err:
+            failure = err
+    if sharded:  # the barrier: the other ranks wait here until rank 0 has saved and registered (or failed)
+        status = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(status, src=0)
+        if rank != 0 and status[0] is not None:
+            raise RuntimeError(f"rank 0 failed to save checkpoint {k + 1}: {status[0]}")
+    if failure is not None:
+        raise failure
     return result.steps.height
 
 
@@ -209,7 +234,7 @@ def eval_rows(run: StageRun) -> int:
     """Greedy (and sampled) answers of checkpoint j on the test split, judged by the reward's verifier."""
     s, j = run.settings, run.round
     ckpt = run.checkpoint("checkpoint")
-    model, tokenizer = load_policy(ckpt["path"], s.model.dtype, run.device)
+    model, tokenizer = load_sampler(ckpt["path"], s.model.dtype, run.device, s.rollout.engine)
     test = render_prompts(
         split(run.read("prompts"), "test"), tokenizer, s.prompts.template, s.prompts.use_chat_template
     )
@@ -219,7 +244,7 @@ def eval_rows(run: StageRun) -> int:
         frame = evaluate(
             model, tokenizer, test, s.eval, sampling=Sampling(r.temperature, r.top_k, r.top_p),
             max_new_tokens=s.eval.max_new_tokens or r.max_new_tokens,
-            engine=Engine(r.engine, r.batch_size, r.gpu_memory_utilization), verify_fn=verify,
+            engine=Engine.of(r), verify_fn=verify,
             experiment=run.experiment, round=j, policy_version=ckpt["policy_version"],
             seed=round_seed(s.seed, j) + 7, device=run.device, model_path=ckpt["path"],
         )  # fmt: skip
@@ -308,13 +333,15 @@ PIPELINE: dict[str, Stage] = {
         Stage("curation", ("train_set",), ("rewards", "rollouts"), ("curation",), ("stages.curate",), "cpu", train_set_rows),
         Stage(
             "train", ("checkpoints", "train_steps"), ("train_set", "advantages", "rewards", "rollouts", "checkpoint"),
-            ("train", "rollout.temperature", "model.dtype", "seed", "device"),
+            ("train", "rollout.temperature", "rollout.top_k", "rollout.top_p", "model.dtype", "seed", "device"),
             ("stages.train", "stages.models"), "accelerator", trained_checkpoint, where=next_round_partition,
         ),
         Stage(
             "eval", ("evals",), ("checkpoint", "prompts"),
             ("eval", "rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.max_new_tokens",
-             "rollout.engine", "rollout.batch_size", "rollout.gpu_memory_utilization", "reward.verifier",
+             "rollout.engine", "rollout.batch_size", "rollout.gpu_memory_utilization", "rollout.tensor_parallel_size",
+             "rollout.engines", "rollout.max_num_seqs", "rollout.enable_prefix_caching", "rollout.enforce_eager",
+             "rollout.dtype", "reward.verifier",
              "reward.timeout_s", "reward.workers", "prompts.template", "prompts.use_chat_template", "model.dtype",
              "seed", "device"),
             ("stages.evaluate", "stages.prompts", "stages.models", "stages.verify"), "accelerator", eval_rows,

@@ -1,9 +1,14 @@
-"""What a user watches while rounds run: a bar per stage and a line per round (rich), or nothing."""
+"""What a user watches while rounds run: a bar per stage and a line per round (rich), or nothing. A stage
+run in a child process reports as marked lines on its stdout (`LineReporter`), which the flow's process
+replays into its own reporter (`Replay`): the user sees the same bars either way."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -60,6 +65,91 @@ class RichReporter(Reporter):
 
     def line(self, text: str) -> None:
         self.console.print(text)
+
+
+# The prefix of a progress line a child writes (printable: str.splitlines would split at control characters).
+MARK = "::asymre-progress:: "
+
+
+class LineReporter(Reporter):
+    """A child process's reporter: every event one marked JSON line on `stream` (stdout), flushed at once;
+    updates at most every `min_interval_s` (the last one of a stage is always sent)."""
+
+    def __init__(self, stream: TextIO | None = None, min_interval_s: float = 0.1):
+        self.stream = stream or sys.stdout
+        self.min_interval_s = min_interval_s
+        self._stages = 0
+
+    def _emit(self, **event) -> None:
+        self.stream.write(MARK + json.dumps(event) + "\n")
+        self.stream.flush()
+
+    @contextmanager
+    def stage(self, label: str, total: int | None = None):
+        self._stages += 1
+        sid, pending, last = self._stages, None, 0.0
+        self._emit(event="start", id=sid, label=label, total=total)
+
+        def update(done: int, total: int | None = None, info: str = "") -> None:
+            nonlocal pending, last
+            pending = {"event": "update", "id": sid, "done": done, "total": total, "info": info}
+            now = time.monotonic()
+            if now - last >= self.min_interval_s:
+                self._emit(**pending)
+                pending, last = None, now
+
+        try:
+            yield update
+        finally:
+            if pending is not None:
+                self._emit(**pending)
+            self._emit(event="end", id=sid)
+
+    def skipped(self, label: str, reason: str) -> None:
+        self._emit(event="skipped", label=label, reason=reason)
+
+    def line(self, text: str) -> None:
+        self._emit(event="line", text=text)
+
+
+class Replay:
+    """Replays a child's progress lines into a reporter (default: this process's REPORTER): a stage in a
+    child draws the same bars as one run inline. `close` ends the bars a child left open (it died)."""
+
+    def __init__(self, reporter: Reporter | None = None):
+        self.reporter = reporter or REPORTER
+        self._open: dict[int, tuple] = {}  # child's stage id → (context manager, its update function)
+
+    def feed(self, line: str) -> str:
+        """Replay the event a line holds; returns the rest of the line (its text before the mark, or all
+        of it when it holds no event), which the caller shows as the child's output."""
+        at = line.find(MARK)
+        if at < 0:
+            return line
+        try:
+            event = json.loads(line[at + len(MARK) :])
+            self._replay(event)
+        except (ValueError, KeyError, TypeError):
+            return line
+        return line[:at]
+
+    def _replay(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            manager = self.reporter.stage(event["label"], event["total"])
+            self._open[event["id"]] = (manager, manager.__enter__())
+        elif kind == "update" and event["id"] in self._open:
+            self._open[event["id"]][1](event["done"], event["total"], event["info"])
+        elif kind == "end" and event["id"] in self._open:
+            self._open.pop(event["id"])[0].__exit__(None, None, None)
+        elif kind == "skipped":
+            self.reporter.skipped(event["label"], event["reason"])
+        elif kind == "line":
+            self.reporter.line(event["text"])
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].__exit__(None, None, None)
 
 
 REPORTER: Reporter = Reporter()

@@ -1,10 +1,17 @@
 """Checkpoints on disk: `save_pretrained` folders (and the optimizer state) under
 <store>/checkpoints/<experiment>/round=<k>/, written by a folder swap and registered with a content hash.
 
-torch is imported only by the functions that read or write optimizer state (storage never needs it to list)."""
+The optimizer state (optimizer.pt) does not depend on how many processes trained: AdamW's full state keyed by
+the Hugging Face parameter names (OPTIMIZER_FORMAT), the same from one process as from FSDP2 ranks, so a round
+trained in one process and the next under torchrun carry the state across (and back). Under a process group the
+functions that gather or load state are collectives: every rank calls them.
+
+torch is imported only by the functions that read or write model or optimizer state (storage never needs it to
+list)."""
 
 from __future__ import annotations
 
+import copy as _copy
 import hashlib
 import json
 import shutil
@@ -17,6 +24,10 @@ import polars as pl
 from storage import tables
 
 OPTIMIZER_STATE = "optimizer.pt"
+# optimizer.pt: {"format": 2, "optimizer": {"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]},
+# "global_step": n}. Files without "format" (earlier versions) hold optimizer.state_dict() itself, keyed by the
+# parameters' positions; they are converted by parameter order when loaded.
+OPTIMIZER_FORMAT = 2
 RECORD = "record.json"  # written last into a cached folder: its presence marks the folder complete
 
 
@@ -36,12 +47,27 @@ def replace_dir(folder: Path, fill: Callable[[Path], object]) -> None:
     tmp.rename(folder)
 
 
-def save(folder: Path, model, tokenizer, optimizer_state: dict | None = None, record: dict | None = None) -> None:
+def save(
+    folder: Path,
+    model,
+    tokenizer,
+    optimizer_state: dict | None = None,
+    record: dict | None = None,
+    *,
+    state_dict: dict | None = None,
+    dtype=None,
+) -> None:
     """The model and tokenizer as a `save_pretrained` folder, with the optimizer state and a record file
-    when given, swapped in whole."""
+    when given, swapped in whole.
+
+    `state_dict`: full weights to save instead of the model's own parameters (e.g. gathered from FSDP2 shards by
+    `full_model_state`), in `dtype` (a torch dtype or its name) when given: saved through a copy of the model's
+    class on the meta device, so the folder is the one `model.save_pretrained` would write for those weights
+    (tied weights stored once, config.json's dtype that of the weights)."""
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        target = model if state_dict is None else _model_with(model, state_dict, dtype)
+        target.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:
             import torch
@@ -51,6 +77,21 @@ def save(folder: Path, model, tokenizer, optimizer_state: dict | None = None, re
             (tmp / RECORD).write_text(json.dumps(record, indent=1, default=str))
 
     replace_dir(folder, fill)
+
+
+def _model_with(model, state_dict: dict, dtype=None):
+    """A model of `model`'s class and config holding `state_dict` (no copy of the tensors, none initialised)."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        shell = type(model)(_copy.deepcopy(model.config))
+    shell.load_state_dict(state_dict, assign=True)
+    shell.tie_weights()  # the loaded copies of tied weights become one parameter again
+    return shell
 
 
 def complete(folder: Path) -> bool:
@@ -72,6 +113,145 @@ def load_optimizer_state(folder: str | Path) -> dict | None:
     import torch
 
     return torch.load(path, weights_only=False)
+
+
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world size) under an initialised torch.distributed process group, else None."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else None
+
+
+def full_model_state(module, prefix: str = "") -> dict | None:
+    """The full weights of an FSDP2-sharded `module` on rank 0's CPU, names without `prefix` (e.g. "lm." of
+    the trainer's CompletionScorer); None on the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    group = _process_group()
+    if group is not None and group[0] != 0:
+        return None
+    return {_unprefixed(name, prefix): value for name, value in state.items()}
+
+
+def optimizer_state(module, optimizer, global_step: int, prefix: str = "") -> dict:
+    """What optimizer.pt holds (OPTIMIZER_FORMAT): the optimizer's full state keyed by parameter name (names of
+    `module` without `prefix`) and the global step counter (the lr warmup clock).
+
+    Under a process group (FSDP2-sharded `module`) the full state is gathered onto rank 0's CPU (a collective);
+    the other ranks get an empty "optimizer"."""
+    group = _process_group()
+    if group is None or not optimizer.state:  # nothing sharded to gather (no step taken, nothing loaded)
+        local = optimizer.state_dict()
+        names = _parameter_names(module, optimizer, prefix)
+        named = {
+            "state": {names[i]: value for i, value in local["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in local["param_groups"]],
+        }
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        named = {}
+        if group[0] == 0:
+            named = {
+                "state": {_unprefixed(n, prefix): value for n, value in full["state"].items()},
+                "param_groups": [
+                    {**g, "params": [_unprefixed(n, prefix) for n in g["params"]]} for g in full["param_groups"]
+                ],
+            }
+    return {"format": OPTIMIZER_FORMAT, "optimizer": named, "global_step": global_step}
+
+
+def load_optimizer(module, optimizer, state: dict | None, prefix: str = "") -> int:
+    """Load `state` (from `optimizer_state` or optimizer.pt, this format or the old one) into `optimizer` and
+    return its global step; 0 and nothing loaded when `state` is None.
+
+    Under a process group this is a collective and rank 0's `state` is the one loaded (the others may pass
+    None): its full tensors are broadcast and each rank keeps its shards. A state whose parameter names are not
+    the model's fails with the names that differ, on every rank."""
+    group = _process_group()
+    names = _parameter_names(module, optimizer, prefix)
+    if group is None:
+        if state is None:
+            return 0
+        named = _named_optimizer_state(state, names)
+        index = {name: i for i, name in enumerate(names)}  # load_state_dict pairs ids by position: in our order
+        optimizer.load_state_dict(
+            {
+                "state": {index[n]: value for n, value in named["state"].items()},
+                "param_groups": [{**g, "params": sorted(index[n] for n in g["params"])} for g in named["param_groups"]],
+            }
+        )
+        return int(state["global_step"])
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    named, header = {}, [None]  # rank 0 tells every rank: (global step, error) or None (nothing to load)
+    if group[0] == 0 and state is not None:
+        try:
+            named = _named_optimizer_state(state, names)
+            header = [(int(state["global_step"]), None)]
+        except Exception as err:  # raised on every rank below, not on rank 0 alone (the others would wait)
+            header = [(0, f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err))]
+    dist.broadcast_object_list(header, src=0)
+    if header[0] is None:
+        return 0
+    global_step, error = header[0]
+    if error is not None:
+        raise ValueError(error)
+    if named:
+        named = {
+            "state": {prefix + n: value for n, value in named["state"].items()},
+            "param_groups": [{**g, "params": [prefix + n for n in g["params"]]} for g in named["param_groups"]],
+        }
+    set_optimizer_state_dict(
+        module, optimizer, named, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    return global_step
+
+
+def _parameter_names(module, optimizer, prefix: str) -> list[str]:
+    """The names (without `prefix`) of the optimizer's parameters, in its order (the ids of its state_dict)."""
+    by_id = {id(p): _unprefixed(name, prefix) for name, p in module.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _named_optimizer_state(state: dict, names: list[str]) -> dict:
+    """The "optimizer" part of `state` keyed by name, checked against the model's `names`. An old-format state
+    (optimizer.state_dict() itself, integer ids) is converted by parameter order: id i is the model's i-th
+    parameter, as the trainer's AdamW(model.parameters()) numbered them."""
+    optimizer = state["optimizer"]
+    if state.get("format") is None:
+        ids = [i for g in optimizer["param_groups"] for i in g["params"]]
+        if sorted(ids) != list(range(len(names))):
+            raise ValueError(
+                f"the optimizer state (old format: parameters by position) holds {len(ids)} parameters and this "
+                f"model has {len(names)}; it was saved for another model (set train.keep_optimizer=false to start "
+                "AdamW afresh)"
+            )
+        return {
+            "state": {names[i]: value for i, value in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer["param_groups"]],
+        }
+    if state["format"] != OPTIMIZER_FORMAT:
+        raise ValueError(f"optimizer state format {state['format']!r}: this version reads {OPTIMIZER_FORMAT}")
+    saved = [n for g in optimizer["param_groups"] for n in g["params"]]
+    if sorted(saved) != sorted(names) or not set(optimizer["state"]) <= set(names):
+        unknown = sorted(set(saved) - set(names))[:3]
+        missing = sorted(set(names) - set(saved))[:3]
+        raise ValueError(
+            f"the optimizer state does not match the model's parameters (saved only: {unknown}, model only: "
+            f"{missing}); it was saved for another model (set train.keep_optimizer=false to start AdamW afresh)"
+        )
+    return optimizer
+
+
+def _unprefixed(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
 def folder_sha256(path: str | Path) -> str:
