@@ -230,7 +230,7 @@ def _in_child(stage: Stage, run: StageRun, launcher: Launcher, cfg: ExperimentCo
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=_child_env(), start_new_session=True, preexec_fn=_dies_with(os.getpid()),
+                env=_child_env(launcher), start_new_session=True, preexec_fn=_dies_with(os.getpid()),
             )  # fmt: skip
             try:
                 code, tail = _watch(proc)
@@ -255,8 +255,10 @@ def _in_child(stage: Stage, run: StageRun, launcher: Launcher, cfg: ExperimentCo
     return done["rows"]
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(launcher: Launcher) -> dict[str, str]:
     env = dict(os.environ)
+    if launcher.kind == "torchrun" and "OMP_NUM_THREADS" not in env:  # torchrun would set 1 and say so at length
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // launcher.nproc_per_node))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH")] if p)
     env["PYTHONUNBUFFERED"] = "1"  # its output comes as it is written
     env[PARENT_ENV] = str(os.getpid())

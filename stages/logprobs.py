@@ -98,7 +98,8 @@ class CompletionScorer(torch.nn.Module):
                 pieces.append(checkpoint(score, h, t, use_reentrant=False, preserve_rng_state=False))
             else:
                 pieces.append(score(h, t))
-        return torch.cat(pieces).view(rows, completion_width)
+        # a fresh tensor, not a view: FSDP2 hooks the root's output for backward, which a view would defeat
+        return torch.cat(pieces).view(rows, completion_width).clone()
 
 
 def _decoder(lm: torch.nn.Module) -> torch.nn.Module:
