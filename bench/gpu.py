@@ -214,7 +214,8 @@ def vllm_child(folder: str, kind: str, prompt_ids: str, size: str) -> dict:
 
         vllm.LLM.__init__ = timed_init
         tokenizer = load_tokenizer(folder)
-        samples = run_engine(None, tokenizer, ids, spec, Engine("vllm", 0, 0.85), seed=0, device="cuda",
+        engine = Engine("vllm", 0, 0.85, engines=1)  # one engine, as the bare side has
+        samples = run_engine(None, tokenizer, ids, spec, engine, seed=0, device="cuda",
                              model_path=folder)  # fmt: skip
         total = time.perf_counter() - started
         tokens = sum(len(x.completion_ids) for x in samples)
@@ -223,7 +224,8 @@ def vllm_child(folder: str, kind: str, prompt_ids: str, size: str) -> dict:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=folder, seed=0, dtype="auto", max_model_len=max(map(len, ids)) + s.max_new_tokens,
-              gpu_memory_utilization=0.85, logprobs_mode="processed_logprobs")  # fmt: skip
+              gpu_memory_utilization=0.85, logprobs_mode="processed_logprobs",
+              max_num_seqs=256, enable_prefix_caching=True)  # the stage's defaults  # fmt: skip
     built = time.perf_counter()
     params = SamplingParams(n=s.samples, temperature=1.0, max_tokens=s.max_new_tokens, logprobs=0, seed=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
@@ -311,13 +313,13 @@ def round_end_to_end(work: Path, folder: Path, size: Size, cuda: bool, gpus: int
         raise SystemExit(f"the round failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     print(f"`asymre run --rounds 1`: {wall:.0f} s end to end (train on {ranks} {'GPU' if cuda else 'gloo'} ranks)")
     print_stage_walls(store)
-    train_throughput(store, params, cuda, f"{ranks} rank{'s' if ranks > 1 else ''}")
+    train_throughput(store, params, cuda, ranks)
     if cuda and gpus > 1:  # the same train stage on one GPU
         cmd1 = [*cmd, "--from-stage", "train", "--round", "0", "--set", "launch.train.nproc_per_node=1"]
         one = subprocess.run(cmd1, cwd=ROOT, env=env, capture_output=True, text=True)
         if one.returncode != 0:
             raise SystemExit(f"the 1-GPU train rerun failed:\n{one.stderr[-4000:]}")
-        train_throughput(store, params, cuda, "1 rank")
+        train_throughput(store, params, cuda, 1)
 
 
 def print_stage_walls(store: Path) -> None:
@@ -328,7 +330,7 @@ def print_stage_walls(store: Path) -> None:
         print(f"  {row['stage']:<11} round {row['round']}  {row['wall_s']:7.1f} s")
 
 
-def train_throughput(store: Path, params: int, cuda: bool, label: str) -> None:
+def train_throughput(store: Path, params: int, cuda: bool, ranks: int) -> None:
     """Completion tokens/s from train_steps; MFU from every token the forward/backward passes see (prompt +
     completion of the selected rows) at 6·N FLOPs per token (fwd + bwd), over the steps' wall time."""
     import polars as pl
@@ -342,11 +344,11 @@ def train_throughput(store: Path, params: int, cuda: bool, label: str) -> None:
     all_tokens = int((rows["prompt_token_ids"].list.len() + rows["completion_token_ids"].list.len()).sum())
     seconds = float((steps["tokens"] / steps["tokens_per_s"]).sum())
     tps = all_tokens / seconds
+    label = f"{ranks} rank{'s' if ranks > 1 else ''}"
     line = f"train ({label}): {steps['tokens'].sum() / seconds:,.0f} completion tokens/s, {tps:,.0f} tokens/s in all"
     if cuda:
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        ranks = int(label.split()[0])
         if peak:
             mfu = 6 * params * tps / (peak * 1e12 * ranks)
             line += f", MFU {100 * mfu:.1f} % of {peak:.0f} TFLOP/s bf16 per GPU (target ≥ 35 %)"

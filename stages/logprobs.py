@@ -222,14 +222,9 @@ def recompute_logprobs(
     Rows go through in order of prompt + completion length (less padding), batch_size at a time, and come
     back in their own order.
     """
-    lengths = np.array([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)])
-    order = np.argsort(lengths, kind="stable")
     out: list[list[float]] = [[] for _ in prompt_ids]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_batches(prompt_ids, completion_ids, batch_size):
         completions = [list(completion_ids[i]) for i in chunk]
-        if max(len(c) for c in completions) == 0:
-            continue  # nothing to score, and a zero-width completion slice would take the whole row
         logp, _ = token_logprobs(
             model, [list(prompt_ids[i]) for i in chunk], completions, temperature, pad_id, top_k, top_p
         )
@@ -237,6 +232,18 @@ def recompute_logprobs(
         for j, i in enumerate(chunk):
             out[i] = logp[j, : len(completions[j])].tolist()
     return out
+
+
+def length_batches(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], batch_size: int
+) -> list[np.ndarray]:
+    """Row numbers in order of prompt + completion length (less padding), batch_size at a time; batches
+    whose completions are all empty are left out (nothing to score, and a zero-width completion slice would
+    take the whole row)."""
+    lengths = np.array([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)])
+    order = np.argsort(lengths, kind="stable")
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [b for b in batches if any(len(completion_ids[i]) for i in b)]
 
 
 def greedy_exact_match(model, batch: LeftPadBatch) -> float:

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from stages.config import TrainConfig
-from stages.logprobs import CompletionScorer, recompute_logprobs, token_logprobs, warmup_lr
+from stages.logprobs import CompletionScorer, length_batches, recompute_logprobs, token_logprobs, warmup_lr
 from stages.losses import LOSSES, finish_stats
 from storage import checkpoints
 from storage.schemas import KEYS, polars_schema
@@ -317,10 +317,7 @@ def _recompute_sharded(
     ranks, and every row's values gathered on every rank. Each rank makes the same number of forward passes
     (FSDP2's collectives): one with fewer batches scores a row again and drops it."""
     rank, world = _rank_world()
-    lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)])
-    order = np.argsort(lengths, kind="stable")
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [b for b in batches if any(completions[i] for i in b)]  # recompute_logprobs skips the others
+    batches = length_batches(prompts, completions, batch_size)
     mine = batches[rank::world]
     local: list[tuple[int, list[float]]] = []
     for i in range(math.ceil(len(batches) / world)):
