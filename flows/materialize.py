@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flows import progress
+from flows import progress, stop
 from flows.launch import StageProcessFailed, StageRef, StageRun, launcher_for, run_stage
 from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, stage_key, upstream_tables
 from stages.config import ExperimentConfig
@@ -98,7 +98,8 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
     started = time.perf_counter()
     run = StageRun(stage, settings, store, experiment, round, key, where, dict(zip(stage.reads, inputs)))
     try:
-        rows = run_stage(stage, run, launcher_for(cfg, stage), cfg)  # inline, or in a child process
+        with stop.running(label):  # what a Ctrl-C names
+            rows = run_stage(stage, run, launcher_for(cfg, stage), cfg)  # inline, or in a child process
         if "round" in where:  # checks look at one (experiment, round) partition; prompts have none
             run_checks(
                 store, experiment=experiment, round=round, tables=list(stage.writes),

@@ -163,6 +163,9 @@ def read_prompts(config: PromptsConfig, seed: int) -> PromptsRead:
 def _load_splits(config: PromptsConfig) -> dict[str, pl.DataFrame]:
     import datasets
 
+    datasets.disable_progress_bars()  # the stage has its own line; its errors are ours to word (below)
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+
     source = config.source
     wanted = (config.train_split, config.test_split)
     path = Path(source).expanduser()
@@ -183,20 +186,35 @@ def _load_splits(config: PromptsConfig) -> dict[str, pl.DataFrame]:
         else:
             name, _, subset = source.partition(":")
             loaded = datasets.load_dataset(name, subset or None)
-    except (OSError, ValueError) as err:
-        if isinstance(err, PromptDataError):
-            raise
+    except PromptDataError:
+        raise
+    except StopIteration:  # what the json builder raises on an empty file
+        raise PromptDataError(f"prompts.source {source}: the file is empty") from None
+    except Exception as err:  # datasets wraps what its builders raise (DatasetGenerationError): name the root
+        root = _root_cause(err)
         raise PromptDataError(
-            f"prompts.source: could not load {source!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "give a local Parquet/JSONL path, or a hub id that is reachable (or cached) from here"
+            f"prompts.source: could not load {source!r} ({type(root).__name__}: {_first_line(root)}); "
+            "give a readable local Parquet/JSONL path, or a hub id that is reachable (or cached) from here"
         ) from None
-    missing = [s for s in wanted if s not in loaded]
+    missing = [s for s in wanted if s not in loaded or not len(loaded[s])]
     if missing:
+        have = sorted(s for s in loaded if len(loaded[s]))
         raise PromptDataError(
-            f"prompts.source {source!r} has splits {sorted(loaded)}, not {missing}; "
+            f"prompts.source {source!r} has splits {have} with rows, not {missing}; "
             "set prompts.train_split / prompts.test_split"
         )
     return {s: loaded[s].to_polars() for s in wanted}
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 def _file_builder(path: str) -> str:
@@ -212,7 +230,15 @@ def _split_column(frame: pl.DataFrame, config: PromptsConfig) -> dict[str, pl.Da
             f"prompts.source {config.source} is one file without a 'split' column; add one, give a folder with "
             "train/test files, or a path with '{split}' in it (e.g. data/{split}.jsonl)"
         )
-    return {s: frame.filter(pl.col("split") == s).drop("split") for s in (config.train_split, config.test_split)}
+    splits = {s: frame.filter(pl.col("split") == s).drop("split") for s in (config.train_split, config.test_split)}
+    empty = [s for s, rows in splits.items() if rows.is_empty()]
+    if empty:
+        have = sorted(set(frame["split"].drop_nulls().cast(pl.String).to_list()))
+        raise PromptDataError(
+            f"prompts.source {config.source}: its 'split' column holds {have}, no rows of {empty}; "
+            "set prompts.train_split / prompts.test_split, or add those rows"
+        )
+    return splits
 
 
 def _resolve_fields(config: PromptsConfig, splits: dict[str, pl.DataFrame]) -> tuple[str, str, str]:
@@ -237,6 +263,12 @@ def _resolve_fields(config: PromptsConfig, splits: dict[str, pl.DataFrame]) -> t
                 raise PromptDataError(
                     f"prompts.{role}: no column {field!r} in split {name!r} of {config.source} "
                     f"(columns: {split.columns}); set prompts.{role}"
+                )
+            dtype = split.schema[field]
+            if not (dtype == pl.String or dtype.is_numeric() or dtype == pl.Null):
+                raise PromptDataError(
+                    f"{config.source} split {name!r}: column {field!r} holds {dtype} values, not text (a row holds a "
+                    "list, an object or a mix of types); make every value of it a string"
                 )
     return fmt, q_field, a_field
 
@@ -276,6 +308,9 @@ def _row_problem(row: dict[str, Any], q_field: str, a_field: str, extract, fmt: 
     question, answer = row.get(q_field), row.get(a_field)
     if question is None:
         return f"field {q_field!r} is missing"
+    for field, value in ((q_field, question), (a_field, answer)):
+        if value is not None and not isinstance(value, str | int | float):
+            return f"field {field!r} holds a {type(value).__name__}, not text"
     if not str(question).strip():
         return f"field {q_field!r} is empty"
     if answer is None:
