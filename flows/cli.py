@@ -20,6 +20,28 @@ app = typer.Typer(
     help="Offline iterated off-policy REINFORCE (AsymRE, TOPR) with versioned tables you can query.",
 )
 
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"asymre {version('asymre')}")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        typer.echo("asymre (version unknown: not installed; `pip install -e .` installs it)")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Options before the command (--version)."""
+
+
 StoreOpt = Annotated[
     str | None, typer.Option("--store", help="store root (default: $ASYMRE_STORE or ./store)", show_default=False)
 ]
@@ -85,6 +107,10 @@ def sql(
     try:
         con = connect(root, _as_of(as_of, text))
         result = run_query(con, text)
+    except duckdb.PermissionException as err:  # the catalog reads the store's tables and touches nothing else
+        fail(f"{err}; `asymre sql` only reads the store: to save a result, give -o FILE (and --format)")
+    except duckdb.InvalidInputException as err:  # a table that cannot be read says why, and the fix, in one line
+        fail(str(err).removeprefix("Invalid Input Error: "))
     except (duckdb.Error, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         have = existing_tables(root)
@@ -117,25 +143,35 @@ def _emit(text: str, output: Path | None) -> None:
 
 @app.command()
 def tables(store: StoreOpt = None) -> None:
-    """Each table: latest version, number of versions, rows and partitions."""
+    """Each table: latest version, number of versions, rows and partitions; exits 1 if one cannot be read."""
     from storage.schemas import SCHEMAS
-    from storage.tables import open_table, resolve_store
+    from storage.tables import DataFileMissing, TableDamaged, resolve_store, summary
 
     root = resolve_store(store)
-    rows = []
+    rows: list[tuple[str, dict | str]] = []  # (table, its summary or why it cannot be read)
     for name in SCHEMAS:
-        dt = open_table(root, name)
-        if dt is None:
+        try:
+            info = summary(root, name)  # from the Delta log alone: see storage.tables.summary
+        except (TableDamaged, DataFileMissing) as err:
+            rows.append((name, str(err)))
             continue
-        count = dt.to_pyarrow_dataset().count_rows()
-        rows.append((name, dt.version(), len(dt.history()), count, len(dt.partitions())))
+        if info is not None:
+            rows.append((name, info))
     if not rows:
         typer.echo(f"store {root} is empty: no tables yet (`asymre run` fills it)")
         return
     typer.echo(f"store {root}")
     typer.echo(f"{'table':<12} {'version':>7} {'versions':>8} {'rows':>10} {'partitions':>10}")
-    for name, ver, n_versions, count, parts in rows:
-        typer.echo(f"{name:<12} {ver:>7} {n_versions:>8} {count:>10} {parts:>10}")
+    for name, info in rows:
+        if isinstance(info, str):
+            typer.echo(f"{name:<12} damaged: {info}")
+        else:
+            typer.echo(
+                f"{name:<12} {info['version']:>7} {info['versions']:>8} {info['rows']:>10} {info['partitions']:>10}"
+            )
+    damaged = [name for name, info in rows if isinstance(info, str)]
+    if damaged:
+        fail(f"{len(damaged)} table(s) cannot be read: {', '.join(damaged)} (the reason and the fix are above)")
 
 
 @app.command()
@@ -181,8 +217,8 @@ def _prefect_env(store: str, verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if not verbose:  # a failed task would log its traceback at ERROR: `run` prints one line instead
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 
 
 def _load(config: Path | None, sets: list[str], store: str | None):
@@ -203,46 +239,92 @@ def run(
     rounds: Annotated[int | None, typer.Option(help="total rounds (default: the config's)")] = None,
     sets: Annotated[list[str], typer.Option("--set", help="section.field=value; repeatable")] = [],  # noqa: B006
     from_stage: Annotated[
-        str | None, typer.Option(help="recompute from this stage of --round on, reusing everything upstream")
+        str | None,
+        typer.Option(
+            # the stage names of flows/pipeline.py STAGES, written out: importing it here would load torch for
+            # every command (tests/test_cli_output.py keeps the two lists equal)
+            help="recompute from this stage of --round on, reusing everything upstream: prompts, base, "
+            "rollouts, rewards, advantages, curation, train or eval",
+            show_default=False,
+        ),
     ] = None,
     round_: Annotated[int | None, typer.Option("--round", help="the round of --from-stage")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Start or continue an experiment (with no arguments: the built-in default on the CPU)."""
+    """Start or continue an experiment (with no arguments: the built-in default on the CPU).
+
+    Everything that can be checked (config, store, rounds, --from-stage, model, data) is checked before the
+    first stage; Ctrl-C or SIGTERM stops at once, and the same command resumes."""
     cfg = _load(config, sets, store)
-    from flows.pipeline import ROUND_STAGES
+    from flows.pipeline import STAGES
 
     if (from_stage is None) != (round_ is None):
-        fail("--from-stage and --round go together")
-    if from_stage is not None and from_stage not in ROUND_STAGES:
-        fail(f"--from-stage {from_stage!r}: choose one of {', '.join(ROUND_STAGES)}")
-    _prefect_env(cfg.store, verbose)
-    from flows import progress
-    from flows.iterate import experiment_flow
+        fail("--from-stage and --round go together", code=2)
+    if from_stage is not None and from_stage not in STAGES:
+        fail(f"--from-stage {from_stage!r}: choose one of {', '.join(STAGES)}", code=2)
     from flows.materialize import Plan
+    from flows.preflight import PreflightError, check_run
+
+    plan = Plan(from_stage, round_ or 0)
+    try:
+        check_run(cfg, cfg.rounds if rounds is None else rounds, plan)
+    except PreflightError as err:
+        fail(str(err), code=2)
+    except Exception as err:  # a damaged store, found while reading what it holds
+        if verbose:
+            raise
+        fail(_failure(err, cfg))
+    _prefect_env(cfg.store, verbose)
+    from flows import progress, stop
+    from flows.iterate import experiment_flow
     from flows.report import write_report
 
     progress.use(progress.RichReporter())
-    plan = Plan(from_stage, round_ or 0)
     try:
-        summaries = experiment_flow(cfg, rounds, plan)
+        summaries = stop.run_stoppable(lambda: experiment_flow(cfg, rounds, plan), stop.resume_command())
     except Exception as err:  # a failed stage is recorded in stage_runs; show its message, not a traceback
         if verbose:
             raise
-        fail(f"{type(err).__name__}: {err}\n(see `asymre status {cfg.name}`; rerun with -v for the traceback)")
+        fail(_failure(err, cfg))
     _print_rounds(summaries, cfg.store, cfg.name)
     png, md = write_report(cfg.store)
     typer.echo(f"report: {png}\n        {md}")
 
 
-def _print_rounds(summaries: list[dict], store: str, experiment: str) -> None:
-    from flows.iterate import checkpoint_accuracy
+def _failure(err: Exception, cfg) -> str:
+    """What went wrong in one message that names the fix; the exception's type only where it is not ours."""
+    from flows import preflight
+    from flows.launch import StageProcessFailed
+    from flows.materialize import CheckFailed, StoredOutputMissing
+    from stages.models import PolicyLoadError
+    from stages.prompts import PromptDataError
+    from storage.checkpoints import CheckpointDamaged
+    from storage.tables import DataFileMissing, SchemaError, TableDamaged
 
-    greedy, sampled = checkpoint_accuracy(store, experiment, 0)
-    if greedy is not None:
-        shown = f"test greedy {greedy:.3f}" + (f", T=1 {sampled:.3f}" if sampled is not None else "")
-        typer.echo(f"checkpoint 0 (μ_0, before any round): {shown}; round k's test columns are checkpoint k+1's")
+    where = f"see `asymre status {cfg.name}`; rerun with -v for the traceback"
+    full = preflight.disk_full(err)
+    if full:
+        return preflight.disk_full_message(cfg.store, cfg.name, full)
+    if isinstance(err, DataFileMissing):
+        return f"{err}: {preflight.rebuild_hint(err.table, err.partition)}"
+    ours = (
+        PromptDataError, PolicyLoadError, StoredOutputMissing, CheckFailed, StageProcessFailed, CheckpointDamaged,
+        TableDamaged, SchemaError,
+    )  # fmt: skip
+    if isinstance(err, ours):
+        return f"{err}\n({where})"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}\n({where})"
+
+
+def _print_rounds(summaries: list[dict], store: str, experiment: str) -> None:
+    from flows.iterate import start_line
+
+    start = start_line(store, experiment)
+    if start is not None:
+        typer.echo(start)
+        typer.echo("round k: μ_k's samples, checkpoint k+1's test accuracy, its own seconds (s)")
     typer.echo(
         f"{'round':>5} {'train reward':>12} {'test greedy':>11} {'test T=1':>9} {'p':>6} {'p~':>6} {'steps':>5} {'s':>6}"
     )
@@ -257,35 +339,56 @@ def _print_rounds(summaries: list[dict], store: str, experiment: str) -> None:
 @app.command()
 def status(
     experiment: Annotated[str | None, typer.Argument(help="experiment (default: every experiment)")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="add a line per round with each stage's stage_key")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Rounds × stages: rows, stage_key and wall time of the last finished run of each stage."""
+    """Rounds × stages: rows written and wall time of each stage's last finished run (--keys: its stage_key)."""
     import polars as pl
 
-    from flows.pipeline import STAGES
+    from flows.pipeline import PIPELINE, STAGES
+    from flows.progress import duration
     from storage.lineage import runs
     from storage.tables import resolve_store
+
+    def count(n: int) -> str:  # at most 4 characters
+        return str(n) if n < 10_000 else f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:.1f}M"
 
     root = resolve_store(store)
     done = runs(root, experiment).filter(pl.col("status").is_in(["done", "failed"]))
     if done.is_empty():
         typer.echo(f"no stage runs in {root}" + (f" for experiment {experiment}" if experiment else ""))
         return
+    # Columns are the stages (what --from-stage names), each over the table its rows count (train: train_steps,
+    # not its one checkpoint); one compact cell each, so that eight stages fit 100 columns.
+    counted = {name: stage.writes[-1] for name, stage in PIPELINE.items()}
+    width = {name: max(len(name), len(counted[name]), 9) for name in STAGES}
+    typer.echo("round k × stage: rows written and wall time of its last finished run (eval k: checkpoint k's)")
     last = done.group_by("experiment", "round", "stage").agg(pl.all().sort_by("created_at").last())
     for (name,), rows in last.sort("experiment").group_by("experiment", maintain_order=True):
-        typer.echo(f"experiment {name}")
-        typer.echo(f"{'round':>5}  " + "  ".join(f"{s:<24}" for s in STAGES))
+        typer.echo(f"\nexperiment {name}")
+        typer.echo(("stage  " + "  ".join(f"{s:<{width[s]}}" for s in STAGES)).rstrip())
+        typer.echo(("table  " + "  ".join(f"{counted[s]:<{width[s]}}" for s in STAGES)).rstrip())
+        by_cell = {(r["round"], r["stage"]): r for r in rows.iter_rows(named=True)}
+        failed = []
         for k in sorted(rows["round"].unique().to_list()):
-            cells = []
+            cells, key_cells = [], []
             for stage in STAGES:
-                hit = rows.filter((pl.col("round") == k) & (pl.col("stage") == stage))
-                if hit.is_empty():
-                    cells.append(f"{'·':<24}")
-                    continue
-                r = hit.row(0, named=True)
-                mark = "" if r["status"] == "done" else "FAILED "
-                cells.append(f"{mark}{r['rows']}r {r['stage_key'][:8]} {r['wall_s']:.1f}s".ljust(24))
-            typer.echo(f"{k:>5}  " + "  ".join(cells))
+                r = by_cell.get((k, stage))
+                if r is None:
+                    cell, key = "·", ""
+                elif r["status"] == "done":
+                    cell, key = f"{count(r['rows'])} {duration(r['wall_s'])}", r["stage_key"][:8]
+                else:
+                    cell, key = "FAILED", r["stage_key"][:8]
+                    why = (r["message"] or "").strip().splitlines() or ["(no message)"]
+                    failed.append(f"round {k} {stage} failed: {why[0]}")
+                cells.append(f"{cell:<{width[stage]}}")
+                key_cells.append(f"{key:<{width[stage]}}")
+            typer.echo(f"{k:>5}  " + "  ".join(cells).rstrip())
+            if keys:
+                typer.echo(f"{'key':>5}  " + "  ".join(key_cells).rstrip())
+        for line in failed:
+            typer.echo(line[:100])
 
 
 @app.command()
@@ -309,9 +412,10 @@ def serve(
     cron: Annotated[str | None, typer.Option(help="cron expression, e.g. '0 */6 * * *'")] = None,
     interval: Annotated[float | None, typer.Option(help="seconds between rounds")] = None,
     sets: Annotated[list[str], typer.Option("--set", help="section.field=value; repeatable")] = [],  # noqa: B006
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's INFO logs")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Serve a Prefect deployment that runs the next round of the experiment on a schedule."""
+    """Serve a Prefect deployment that runs the next round of the experiment on a schedule; one line per round."""
     import os
     import urllib.request
 
@@ -324,12 +428,21 @@ def serve(
         urllib.request.urlopen(f"{url}/health", timeout=5)
     except OSError:
         fail(f"no Prefect server answers at {url}; start one with `prefect server start` (or set PREFECT_API_URL)")
-    _prefect_env(cfg.store, verbose=True)
+    if not verbose:  # warnings and a failed round's traceback stay; the per-run INFO stream goes
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    _prefect_env(cfg.store, verbose)
+    from flows.serve import SKIPS
     from flows.serve import serve as serve_deployment
 
     config_path = str(config.resolve()) if config else None
-    typer.echo(f"serving asymre-next-round/{cfg.name} on {url} ({'cron ' + cron if cron else f'every {interval}s'})")
-    serve_deployment(config_path, [*sets], cfg.store, cfg.name, cron, interval)
+    deployment = f"asymre-next-round/{cfg.name}"
+    when = f"on cron {cron!r}" if cron else f"every {interval:g} s"
+    typer.echo(
+        f"serving {deployment} on {url}: one round {when}; {SKIPS}.\n"
+        f"a line per finished round below; run one now: prefect deployment run '{deployment}'; stop: Ctrl-C or SIGTERM"
+    )
+    stopped_by = serve_deployment(config_path, [*sets], cfg.store, cfg.name, cron, interval)
+    typer.echo(f"stopped by {stopped_by or 'the runner'}: a round in progress is cancelled and the next run resumes it")
 
 
 @app.command("bandit")
@@ -355,6 +468,24 @@ def bandit_study(
         if key not in ("experiment", "figures"):
             typer.echo(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
     typer.echo("figures:\n  " + "\n  ".join(s["figures"]))
+
+
+@app.command()
+def check(store: StoreOpt = None) -> None:
+    """Verify the whole store: tables and their data files, checkpoint hashes, sql/checks, lineage; exit 1 on any problem."""
+    from flows.pipeline import PIPELINE
+    from storage.doctor import check_store
+    from storage.tables import resolve_store
+
+    root = resolve_store(store)
+    if not (Path(root) / "tables").is_dir():  # not existing_tables(): that opens them, and one may be damaged
+        fail(f"store {root} holds no tables (a mistyped --store?)")
+    report = check_store(root, {name: stage.writes[0] for name, stage in PIPELINE.items()})
+    for problem in report.problems:
+        typer.echo(str(problem))
+    typer.echo(f"store {root}: {report.summary()}")
+    if report.problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -29,7 +29,10 @@ def experiment_flow(cfg: ExperimentConfig, rounds: int | None = None, plan: Plan
         started = time.perf_counter()
         with _round_heartbeats():
             checkpoint = round_flow(cfg, k, plan, checkpoint, prompts)
-        summaries.append(round_summary(cfg.store, cfg.name, k, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        if k == 0:  # round 0's subflow also evaluates checkpoint 0, which belongs to the start (see start_line)
+            seconds -= this_run_seconds(cfg.store, cfg.name, "eval", 0) or 0.0
+        summaries.append(round_summary(cfg.store, cfg.name, k, seconds))
         progress.REPORTER.line(format_summary(summaries[-1]))
     return summaries
 
@@ -77,13 +80,41 @@ def round_summary(store: str, experiment: str, k: int, seconds: float) -> dict:
     return {"experiment": experiment, "round": k, **(rows[0] if rows else {}), "seconds": seconds}
 
 
+def this_run_seconds(store: str, experiment: str, stage: str, k: int) -> float | None:
+    """Wall time of the last run of `stage` in round k if it computed (None: it was skipped, its output
+    stored, or it never ran)."""
+    runs = lineage.runs(store, experiment).filter((pl.col("stage") == stage) & (pl.col("round") == k))
+    if runs.is_empty():
+        return None
+    last = runs.sort("created_at").row(-1, named=True)
+    return float(last["wall_s"]) if last["status"] == "done" else None
+
+
+def start_line(store: str, experiment: str) -> str | None:
+    """Checkpoint 0 (μ_0) in one line: its test accuracy and what this run spent on it (the warm start and
+    its evaluation, which no round's time includes). None before checkpoint 0 is evaluated."""
+    greedy, sampled = checkpoint_accuracy(store, experiment, 0)
+    if greedy is None:
+        return None
+    spent = [
+        f"{what} {progress.duration(s)}" if s is not None else f"{what} stored"
+        for what, s in (("base", this_run_seconds(store, experiment, "base", 0)),
+                        ("eval", this_run_seconds(store, experiment, "eval", 0)))
+    ]  # fmt: skip
+    accuracy = f"test greedy {greedy:.3f}" + (f", T=1 {sampled:.3f}" if sampled is not None else "")
+    return f"checkpoint 0 (μ_0): {accuracy}; {', '.join(spent)}"
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "  –  " if value is None else format(value, spec)
+    shown = format(value, spec) if value is not None else "–"
+    return shown.rjust(len(format(0.0, spec)))
 
 
 def format_summary(s: dict) -> str:
+    """One round in one line of at most 80 columns (round numbers below 1000, rewards down to −9.999), which
+    an 80-column terminal does not wrap: p and p̃ at two decimals (the final table shows three)."""
     return (
-        f"[bold]round {s['round']}[/bold]  train reward {_fmt(s.get('mean_reward'))}  "
-        f"test acc (greedy) {_fmt(s.get('test_greedy'))}  sampled {_fmt(s.get('test_sampled'))}  "
-        f"p {_fmt(s.get('p'))}  p̃ {_fmt(s.get('p_eff'))}  {s['seconds']:.1f}s"
+        f"round {s['round']}: train reward {_fmt(s.get('mean_reward'))}  "
+        f"test greedy {_fmt(s.get('test_greedy'))} T=1 {_fmt(s.get('test_sampled'))}  "
+        f"p {_fmt(s.get('p'), '.2f')} p̃ {_fmt(s.get('p_eff'), '.2f')}  {progress.duration(s['seconds'])}"
     )

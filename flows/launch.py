@@ -97,13 +97,9 @@ class StageRun:
     def checkpoint(self, role: str) -> dict:
         """The registered checkpoint an input names (its row of `checkpoints`, at the version the ref names)."""
         ref = self.inputs[role]
-        row = checkpoints.lookup(self.store, self.experiment, ref.where["round"], version=ref.version)
-        if row is None:
-            raise FileNotFoundError(
-                f"checkpoint {ref.where['round']} of {self.experiment} is registered but its folder is gone; "
-                f"rerun with --from-stage {'rollouts' if ref.stage == 'base' else 'train'}"
-            )
-        return row
+        # a folder that is gone or whose content differs from its registered hash raises CheckpointDamaged,
+        # which names the run that rebuilds it
+        return checkpoints.checked(self.store, self.experiment, ref.where["round"], version=ref.version)
 
     def write(self, table: str, frame: pl.DataFrame, partition: dict) -> int:
         """Replace one partition of `table` with `frame`, every row stamped with this run's key."""

@@ -228,16 +228,10 @@ def check_stored_files(store: str, experiment: str) -> None:
 
 
 def rebuild_hint(table: str, partition: dict) -> str:
-    """How to rebuild one partition of `table`: the --from-stage that forces the stage writing it."""
-    if table == "stage_runs":
-        return "stage_runs is the store's record and cannot be recomputed: restore the file from a copy"
-    k = int(partition.get("round", 0))
-    stage, at = {
-        "prompts": ("prompts", 0), "rollouts": ("rollouts", k), "rewards": ("rewards", k),
-        "advantages": ("advantages", k), "train_set": ("curation", k), "train_steps": ("train", k),
-        "checkpoints": ("train", k - 1) if k else ("base", 0), "evals": ("eval", k - 1) if k else ("base", 0),
-    }[table]  # fmt: skip
-    return f"rebuild it with `asymre run CONFIG --from-stage {stage} --round {at}` (CONFIG: the experiment's)"
+    """How to rebuild one partition of `table` (the rule lives with `asymre check`, storage/doctor.py)."""
+    from storage.doctor import rebuild
+
+    return rebuild(table, partition.get("round"))
 
 
 # ---- a full disk -----------------------------------------------------------------------------------

@@ -21,6 +21,12 @@ class Reporter:
     def stage(self, label: str, total: int | None = None):
         yield lambda done, total=None, info="": None
 
+    @contextmanager
+    def running(self, label: str):
+        """Around one stage's run. A stage that opens no bar of its own (the quick CPU stages: advantages,
+        curation) still gets one line when it ends, with the rows it reports through the yielded function."""
+        yield lambda rows: None
+
     def skipped(self, label: str, reason: str) -> None: ...
 
     def line(self, text: str) -> None: ...
@@ -31,9 +37,20 @@ class RichReporter(Reporter):
         self.console = console or Console(stderr=True)
         if not self.console.is_terminal:
             self.console.width = 160  # logs: keep a round's line on one line
+        self.bars = 0  # stage bars opened so far (a child's replayed ones too): how `running` tells
+
+    @contextmanager
+    def running(self, label: str):
+        bars, started, rows = self.bars, time.perf_counter(), []
+        yield rows.append
+        if self.bars == bars:
+            width = 22 if self.console.is_terminal else 28  # as the stage lines around it
+            done = f"{rows[-1]} rows" if rows else "done"
+            self.console.print(f"  {label:<{width}} {done}  {time.perf_counter() - started:.1f}s", highlight=False)
 
     @contextmanager
     def stage(self, label: str, total: int | None = None):
+        self.bars += 1
         if not self.console.is_terminal:  # logs and CI: one plain line per finished stage
             state = {"done": 0, "total": total, "info": ""}
             started = time.perf_counter()
@@ -65,6 +82,17 @@ class RichReporter(Reporter):
 
     def line(self, text: str) -> None:
         self.console.print(text)
+
+
+def duration(seconds: float) -> str:
+    """At most 4 characters, for lines that must stay narrow: 9.9s, 412s, 17m, 2.5h, 30h."""
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
+    if seconds < 999.5:
+        return f"{seconds:.0f}s"
+    if seconds < 99.5 * 60:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h" if seconds < 9.95 * 3600 else f"{seconds / 3600:.0f}h"
 
 
 # The prefix of a progress line a child writes (printable: str.splitlines would split at control characters).

@@ -1,4 +1,4 @@
-"""One round as a Prefect flow whose body reads like the round (DESIGN.md §2): each stage of the table in
+"""One round as a Prefect flow whose body reads like the round (README: What `asymre run` does): each stage in
 flows/pipeline.py runs as a task that materialises its table and returns a StageRef, never the data."""
 
 from __future__ import annotations
@@ -13,11 +13,24 @@ from flows.materialize import Plan, StageRef, materialize
 from flows.pipeline import PIPELINE, Settings, stage_key
 from stages.config import ExperimentConfig
 
+
+def worth_retrying(task, task_run, state) -> bool:
+    """A stage's retries are for failures that can pass (a killed worker pool, a busy disk); a damaged store
+    stays damaged, and another try would only read (and hash) it again."""
+    from storage.checkpoints import CheckpointDamaged
+    from storage.tables import DataFileMissing, TableDamaged
+
+    return not isinstance(state.result(raise_on_failure=False), CheckpointDamaged | DataFileMissing | TableDamaged)
+
+
 # one Prefect task per stage, named after it, with the stage's retries
 TASKS = {
-    name: task(materialize, name=name, retries=stage.retries, cache_policy=NO_CACHE, persist_result=False)
+    name: task(
+        materialize, name=name, retries=stage.retries, retry_condition_fn=worth_retrying, cache_policy=NO_CACHE,
+        persist_result=False,
+    )
     for name, stage in PIPELINE.items()
-}
+}  # fmt: skip
 
 Run = Callable[..., StageRef]  # run(stage, round, *inputs) -> the stage's StageRef
 

@@ -151,7 +151,9 @@ class CurationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    loss: Literal["asymre", "topr", "reinforce", "sft"] = Field("asymre", description="objective (see ALGORITHMS.md)")
+    loss: Literal["asymre", "topr", "reinforce", "sft"] = Field(
+        "asymre", description="objective (formulas and papers: stages/losses.py)"
+    )
     ratio_level: Literal["sequence", "token", "geometric"] = Field(
         "sequence", description="topr: level of the importance ratio"
     )

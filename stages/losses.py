@@ -1,4 +1,4 @@
-"""Policy-gradient losses for one micro-batch: AsymRE, TOPR, naive REINFORCE and SFT (see ALGORITHMS.md).
+"""Policy-gradient losses for one micro-batch: AsymRE, TOPR, naive REINFORCE and SFT (each cites its paper).
 
 Pure functions on tensors; `LOSSES[name](...)` returns `(loss, sums)`: the loss and monitoring sums (the same
 keys for every loss) that add across micro-batches; `finish_stats` turns a step's sums into its statistics.

@@ -132,6 +132,8 @@ def warm_start(
             model.train()
             if held_out_accuracy >= config.warm_start_target:
                 steps = step + 1
+                if progress is not None:  # the bar ends full at the step it stopped, not at 400 of 1000
+                    progress(steps, steps, loss_value)
                 break
     model.eval()
     return {

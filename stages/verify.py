@@ -104,6 +104,9 @@ def _to_fraction(answer: str) -> Fraction | None:
     s = s.strip().rstrip(".").strip()
     if s.startswith("{") and s.endswith("}") and "{" not in s[1:-1]:
         s = s[1:-1].strip()
+    # \left(\frac{1}{2}\right) is the value in parentheses (\left and \right are gone by now); (1)(2) is not.
+    if s.startswith("(") and s.endswith(")") and "(" not in s[1:-1] and ")" not in s[1:-1]:
+        s = s[1:-1].strip()
     m = _STRICT_RE.fullmatch(s)
     if m is None:
         return None
@@ -197,9 +200,13 @@ def _math_verify_one(completion: str, gold: str, timeout_s: float) -> Verdict:
     from math_verify.errors import TimeoutException
 
     deadline = time.monotonic() + timeout_s
+    # math_verify reads every box of a completion as one set (\boxed{3} ... \boxed{5} is {3, 5}, never 5):
+    # as the numeric verifier does, the box a completion ends on is its answer.
+    box = _last_box(completion)
+    text = completion if box is None else f"\\boxed{{{box}}}"
     try:
         golds = _parse_gold(gold, deadline)  # a gold it cannot read raises: that is the data's fault
-        preds = parse(completion, parsing_timeout=_seconds_left(deadline), raise_on_error=True)
+        preds = parse(text, parsing_timeout=_seconds_left(deadline), raise_on_error=True)
     except TimeoutException:
         return "timeout", None
     except BadGold:

@@ -3,6 +3,7 @@ the views in sql/views/, and `<store>/views.sql` so the plain `duckdb` shell see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -42,9 +43,10 @@ def table_view_sql(store: str, name: str, version: int | None = None, where: dic
     """CREATE VIEW for one table at `version` (latest by default); an empty typed view if unwritten.
 
     `where` (partition column → a value or a list of values) limits the view to the files of those
-    partitions; columns the table is not partitioned by are ignored."""
+    partitions; columns the table is not partitioned by are ignored. Raises TableDamaged or DataFileMissing
+    (DuckDB reads the files' schemas here already, and would name only a path)."""
     schema = SCHEMAS[name]
-    files = tables.files(store, name, version=version, where=where)
+    files = tables.files(store, name, version=version, where=where, must_exist=True)
     if not files:
         cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in schema)
         return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false;"
@@ -57,6 +59,13 @@ def table_view_sql(store: str, name: str, version: int | None = None, where: dic
     )
 
 
+def unreadable_view_sql(name: str, message: str) -> str:
+    """CREATE VIEW for a table that cannot be read: it has the table's columns, so the views over it are made,
+    and a query that reads it fails with `message` (one line) while queries of the other tables work."""
+    cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[name])
+    return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} FROM range(1) WHERE error({_quote(message)}) IS NULL;"
+
+
 def derived_views() -> list[tuple[str, str]]:
     """(name, query) for every file in sql/views/, in name order."""
     return [(p.stem, p.read_text()) for p in sorted((SQL_DIR / "views").glob("*.sql"))]
@@ -65,7 +74,11 @@ def derived_views() -> list[tuple[str, str]]:
 def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
     as_of = as_of or {}
     lines = [f"-- asymre catalog of {tables.resolve_store(store)}; regenerated after each stage", ""]
-    lines += [table_view_sql(store, name, as_of.get(name)) for name in SCHEMAS]
+    for name in SCHEMAS:
+        try:
+            lines.append(table_view_sql(store, name, as_of.get(name)))
+        except (tables.TableDamaged, tables.DataFileMissing) as err:
+            lines.append(unreadable_view_sql(name, str(err)))
     for name, sql in derived_views():
         body = sql.strip().rstrip(";")
         lines.append(f"CREATE OR REPLACE VIEW {name} AS\n{body};")
@@ -73,9 +86,25 @@ def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
 
 
 def connect(store: str | None = None, as_of: dict[str, int] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with every table (optionally some at earlier versions) as a view."""
+    """An in-memory DuckDB connection with every table (optionally some at earlier versions) as a view, that
+    reads only the store's tables (see `read_only`)."""
+    root = tables.resolve_store(store)
     con = duckdb.connect()
-    con.execute(catalog_sql(tables.resolve_store(store), as_of))
+    con.execute(catalog_sql(root, as_of))
+    return read_only(con, root)
+
+
+def read_only(con: duckdb.DuckDBPyConnection, root: str) -> duckdb.DuckDBPyConnection:
+    """`con`, from now on unable to touch any file but the store's table files, and only to read them: no
+    COPY … TO, no ATTACH, no reading other files, no extensions loaded, and the settings locked so that a
+    query cannot undo this. What it creates in memory (tables, views) dies with the connection. Results that
+    are to be written go through the caller (`asymre sql -o` writes them itself)."""
+    if "://" in root:  # object stores need httpfs, which cannot be loaded once external access is off
+        with contextlib.suppress(duckdb.Error):
+            con.execute("LOAD httpfs")
+    con.execute(f"SET allowed_directories = [{_quote(root.rstrip('/') + '/tables/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
@@ -87,7 +116,7 @@ def connect_partition(store: str, names: list[str], where: dict) -> duckdb.DuckD
     root = tables.resolve_store(store)
     con = duckdb.connect()
     con.execute("\n".join(table_view_sql(root, name, where=where) for name in names))
-    return con
+    return read_only(con, root)
 
 
 def write_views_sql(store: str) -> Path | None:

@@ -266,6 +266,57 @@ def folder_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Hashes this process computed, by folder and the (name, size, mtime) of its files: a round uses μ_k in
+# rollouts, eval and train, and hashing a 500 MB folder takes seconds. A file rewritten in place changes
+# its mtime, so it is hashed again; a new process always hashes again.
+_HASHES: dict[str, tuple[tuple, str]] = {}
+
+
+def _stamp(folder: Path) -> tuple:
+    return tuple(
+        (str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (st := p.stat())
+    )
+
+
+def cached_sha256(folder: str | Path) -> str:
+    """folder_sha256, computed once per process for as long as the folder's files keep their size and mtime."""
+    folder = Path(folder)
+    stamp = _stamp(folder)
+    held = _HASHES.get(str(folder))
+    if held is not None and held[0] == stamp:
+        return held[1]
+    sha = folder_sha256(folder)
+    _HASHES[str(folder)] = (stamp, sha)
+    return sha
+
+
+def stored_path(store: str, path: str | Path) -> str:
+    """What the registry holds for a checkpoint folder: its path relative to the store root when it lies in
+    the store (so a store copied elsewhere still finds its checkpoints), else the absolute path."""
+    absolute = Path(path).expanduser().resolve()
+    try:
+        return absolute.relative_to(tables.resolve_store(store)).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def resolve_path(store: str, stored: str) -> Path:
+    """The folder a registry row names, in the store as it is now. Rows written before paths were relative
+    hold absolute paths: one that no longer exists is taken from its `checkpoints/` part on, in this store."""
+    root = Path(tables.resolve_store(store))
+    path = Path(stored)
+    if not path.is_absolute():
+        return root / path
+    if not path.exists() and "checkpoints" in path.parts:
+        at = len(path.parts) - 1 - path.parts[::-1].index("checkpoints")
+        moved = root.joinpath(*path.parts[at:])
+        if moved.exists():
+            return moved
+    return path
+
+
 def register(
     store: str,
     *,
@@ -277,14 +328,14 @@ def register(
     stage_key: str,
 ) -> str:
     """Hash the folder, record it as μ_round of `experiment`, and return its policy_version."""
-    sha = folder_sha256(path)
+    sha = cached_sha256(path)  # the folder was just written: rollouts and eval of the next round reuse this
     version = f"{experiment}/round={round}@{sha[:12]}"
     row = {
         "experiment": experiment,
         "round": round,
         "policy_version": version,
         "parent_version": parent_version,
-        "path": str(path),
+        "path": stored_path(store, path),
         "loss": loss,
         "sha256": sha,
         "created_at": datetime.now(timezone.utc),
@@ -296,15 +347,90 @@ def register(
     return version
 
 
-def lookup(store: str, experiment: str, round: int, version: int | None = None) -> dict | None:
-    """The registered checkpoint μ_round of `experiment` (in the table's `version`, default latest) whose
-    folder exists, or None (`verify` checks its hash)."""
+class CheckpointDamaged(RuntimeError):
+    """A registered checkpoint's folder is gone or its content differs from the hash registered with it."""
+
+
+def rebuild_command(round: int) -> str:
+    """The run that writes checkpoint `round` again: training of round k−1 makes checkpoint k; checkpoint 0
+    is the base stage's."""
+    stage = "base --round 0" if round == 0 else f"train --round {round - 1}"
+    return f"asymre run CONFIG --from-stage {stage}"
+
+
+def registered(store: str, experiment: str, round: int, version: int | None = None) -> dict | None:
+    """The registry row of μ_round of `experiment` (in the table's `version`, default latest) with its `path`
+    resolved against the store as it is now, or None when none is registered."""
     rows = tables.read(store, "checkpoints", version=version, experiment=experiment, round=round)
     if rows.is_empty():
         return None
     row = rows.row(0, named=True)
-    if not Path(row["path"]).exists():
+    return {**row, "path": str(resolve_path(store, row["path"]))}
+
+
+def lookup(store: str, experiment: str, round: int, version: int | None = None) -> dict | None:
+    """The registered checkpoint μ_round of `experiment` (in the table's `version`, default latest), verified
+    against its registered hash, or None when none is registered or its folder is gone (`checked` says which).
+    Raises CheckpointDamaged when its files differ from what was registered: it is never handed out to a
+    stage (rollouts, training, evaluation) unverified."""
+    row = registered(store, experiment, round, version)
+    if row is None or not Path(row["path"]).exists():
         return None
+    return _verified(row)
+
+
+def checked(store: str, experiment: str, round: int, version: int | None = None) -> dict:
+    """`lookup`, raising CheckpointDamaged (with the rebuild command) when the checkpoint is not there either."""
+    row = registered(store, experiment, round, version)
+    if row is None:
+        raise CheckpointDamaged(
+            f"checkpoint {round} of experiment {experiment!r} is not registered in {tables.resolve_store(store)}; "
+            f"build it with `{rebuild_command(round)}`"
+        )
+    return _verified(row)
+
+
+def problem(row: dict) -> str | None:
+    """What is wrong with a registered checkpoint's folder (its `path` resolved), or None when it matches its hash."""
+    folder = Path(row["path"])
+    if not folder.is_dir():
+        return "its folder is missing"
+    if cached_sha256(folder) == row["sha256"]:
+        return None
+    names = {p.name for p in folder.iterdir()}
+    if "config.json" not in names:
+        return "file config.json is missing"
+    if not names & {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}:
+        return "its weights file (model.safetensors) is missing"
+    for weights in sorted(folder.glob("*.safetensors")):
+        short = _safetensors_shortfall(weights)
+        if short:
+            return f"file {weights.name} is truncated ({short} bytes short of what its header says)"
+    return f"its content hash differs from the registered one ({row['sha256'][:12]}…): a file was changed, added or removed"
+
+
+def _safetensors_shortfall(path: Path) -> int:
+    """How many bytes a .safetensors file lacks (its header gives the length of every tensor); 0 if none."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                return 0  # no header to go by (cut inside it, or other bytes): the hash message says enough
+            header = json.loads(handle.read(header_len))
+            ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return 0
+    return max(8 + header_len + max(ends, default=0) - size, 0)
+
+
+def _verified(row: dict) -> dict:
+    wrong = problem(row)
+    if wrong is not None:
+        raise CheckpointDamaged(
+            f"checkpoint {row['round']} of experiment {row['experiment']!r} ({row['path']}) is damaged: {wrong}; "
+            f"rebuild it with `{rebuild_command(row['round'])}`"
+        )
     return row
 
 

@@ -188,7 +188,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
-# How each table is partitioned on disk (DESIGN.md §4).
+# How each table is partitioned on disk: a stage replaces one partition per commit (storage/tables.py).
 PARTITIONS: dict[str, list[str]] = {name: ["experiment", "round"] for name in SCHEMAS}
 PARTITIONS["prompts"] = ["dataset"]
 PARTITIONS["stage_runs"] = ["experiment"]

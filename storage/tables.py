@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import random
+import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +22,38 @@ from typing import Any, TypeVar
 import polars as pl
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from storage.schemas import PARTITIONS, SCHEMAS
 
 
 class SchemaError(ValueError):
     """A frame does not match its table's schema; nothing was written."""
+
+
+class TableDamaged(RuntimeError):
+    """A table's `_delta_log` cannot be read (a commit file truncated, overwritten or missing): every read and
+    write of that table would fail, the store's other tables are unaffected."""
+
+    def __init__(self, store: str, table: str, reason: str, file: str | None = None):
+        self.store, self.table, self.reason, self.file = store, table, reason, file
+        what, fix = (f"{file} {reason}", "restore that file") if file else (reason, "restore its _delta_log")
+        super().__init__(
+            f"table {table} of store {store} cannot be read: {what}; {fix} from a copy, or move the folder "
+            f"{store}/tables/{table} away and rerun `asymre run` (it rebuilds the table from its stages)"
+        )
+
+
+class DataFileMissing(RuntimeError):
+    """A Parquet file that a committed version of a table lists is gone from the store."""
+
+    def __init__(self, store: str, table: str, version: int, partition: dict[str, Any], file: str):
+        self.store, self.table, self.version, self.partition, self.file = store, table, version, partition, file
+        where = ", ".join(f"{k}={v}" for k, v in partition.items()) or "(unpartitioned)"
+        super().__init__(
+            f"table {table} version {version}, partition {where}: data file {file} is missing; restore it from a "
+            f"copy, or recompute that partition by rerunning the stage that writes {table} for it"
+        )
 
 
 def resolve_store(store: str | os.PathLike | None = None) -> str:
@@ -58,10 +85,13 @@ def open_table(store: str, name: str, version: int | None = None) -> DeltaTable 
         return DeltaTable(uri, version=version)
     except TableNotFoundError:
         return None
-    except Exception as err:  # delta-rs reports a missing version as a generic error
-        if DeltaTable.is_deltatable(uri):
-            raise ValueError(f"table {name} has no version {version} (latest is {DeltaTable(uri).version()})") from err
-        raise
+    except DeltaError as err:  # delta-rs reports a missing version and a damaged log as the same generic error
+        latest = _latest(uri)  # raises TableDamaged if the damage reaches the latest version too
+        if latest is None:
+            return None
+        if version > latest.version() or _damage_in_log(uri, version) is None:
+            raise ValueError(f"table {name} has no version {version} (latest is {latest.version()})") from err
+        raise _damaged(uri, err, version) from None
 
 
 # Latest-version handles of local tables, kept per process and brought up to date with
@@ -83,10 +113,7 @@ def _commit_stamp(uri: str, version: int) -> tuple[int, int] | None:
 
 def _latest(uri: str) -> DeltaTable | None:
     if "://" in uri:  # object stores: no cheap way to tell a remade table apart; open afresh
-        try:
-            return DeltaTable(uri)
-        except TableNotFoundError:
-            return None
+        return _open_latest(uri)
     entry = _latest_entry(uri)
     return None if entry is None else entry[0]
 
@@ -105,15 +132,59 @@ def _latest_entry(uri: str) -> tuple[DeltaTable, int, tuple[int, int] | None] | 
             except Exception:  # the log moved under the handle (e.g. cleaned up): open afresh
                 dt = None
         if dt is None:
-            try:
-                dt = DeltaTable(uri)
-            except TableNotFoundError:
+            dt = _open_latest(uri)
+            if dt is None:
                 return None
         version = dt.version()
         stamp = _commit_stamp(uri, version)
         if stamp is not None:
             _LATEST[uri] = (dt, version, stamp)
         return dt, version, stamp
+
+
+def _open_latest(uri: str) -> DeltaTable | None:
+    """A fresh handle of the latest version; None if no table is there, TableDamaged if its log is unreadable."""
+    try:
+        return DeltaTable(uri)
+    except TableNotFoundError:
+        return None
+    except DeltaError as err:
+        raise _damaged(uri, err) from None
+
+
+# delta-rs's messages end in a Rust backtrace (RUST_BACKTRACE) and may hold a whole debug dump of a path: the
+# reason a user needs is the first line, and the file is found by reading the log (_damage_in_log).
+def _damaged(uri: str, err: Exception, version: int | None = None) -> TableDamaged:
+    store, _, name = uri.rpartition("/tables/")
+    found = _damage_in_log(uri, version)
+    if found is not None:
+        return TableDamaged(store, name, found[1], found[0])
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return TableDamaged(store, name, f"delta-rs says: {first_line[:300]}")
+
+
+def _damage_in_log(uri: str, version: int | None = None) -> tuple[str, str] | None:
+    """(file, what is wrong with it) for the first commit file up to `version` (default: all) of a local table
+    that is not one JSON object a line, or that is missing between the oldest and the newest; None if every
+    commit file reads. Only called once delta-rs has failed, so reading the whole log costs nothing that
+    matters."""
+    log = Path(uri) / "_delta_log"
+    if "://" in uri or not log.is_dir():
+        return None
+    versions = sorted(int(p.stem) for p in log.glob("*.json") if p.stem.isdigit())
+    if version is not None:
+        versions = [v for v in versions if v <= version]
+    for previous, v in zip([None, *versions], versions):
+        path = log / f"{v:020d}.json"
+        if previous is not None and v != previous + 1:
+            return str(log / f"{previous + 1:020d}.json"), f"is missing (the log has versions {previous} and {v})"
+        try:
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return str(path), "is not valid JSON (truncated or overwritten)"
+    return None
 
 
 def _held(uri: str, version: int) -> DeltaTable | None:
@@ -179,11 +250,34 @@ def _sql_literal(value: Any) -> str:
     return str(int(value))
 
 
+# The commit conflicts delta-rs reports (the texts of its CommitConflictError and TransactionError kinds, all
+# raised as CommitFailedError): another writer committed first, to this partition (its delete or its new data
+# overlaps ours), to another one, or created the table at the same moment (metadata and protocol "changed").
+# A write replaces one whole partition, so writing it again on top of the other commit is right: the last
+# writer wins and both commits stay as versions.
+_CONFLICT = re.compile(
+    r"concurrent transaction"  # added new data, deleted data this operation read, deleted the same data, failed
+    r"|changed since last commit"  # metadata / protocol: two writers made the table
+    r"|already exists|committing existing table version"  # the version's log file was taken
+    r"|failed to commit transaction: \d+\s*$",  # its own retries (max_commit_retries) used up
+    re.IGNORECASE,
+)
+
+
+def _is_conflict(err: Exception) -> bool:
+    """Whether `err` is a lost commit race, worth writing again; a schema error, a full disk or a permission
+    error is not, and fails at once."""
+    if isinstance(err, CommitFailedError):
+        first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is help text and a Rust backtrace
+        return _CONFLICT.search(first_line) is not None
+    # the object store's "Object at location … already exists" for a log file another writer took first
+    return isinstance(err, OSError) and "already exists" in str(err)
+
+
 def _commit(uri: str, data: pa.Table, name: str, mode: str, predicate: str | None, metadata: dict) -> int:
     """Write one commit and return the version it landed as (not a concurrent writer's later one)."""
     commit_id = uuid.uuid4().hex
     metadata = {**metadata, "asymre.commit_id": commit_id}
-    # Concurrent writers to other partitions can race on the log; delta-rs detects it and we retry.
     for attempt in range(20):
         try:
             write_deltalake(
@@ -196,8 +290,9 @@ def _commit(uri: str, data: pa.Table, name: str, mode: str, predicate: str | Non
             )
             break
         except (CommitFailedError, OSError) as err:
-            if attempt == 19 or ("conflict" not in str(err).lower() and "exists" not in str(err).lower()):
+            if attempt == 19 or not _is_conflict(err):
                 raise
+            # back off a random while, longer each time, so that the writers that collided spread out
             time.sleep(0.05 + random.random() * 0.2 * (attempt + 1))
     return _find_commit(uri, commit_id, name)
 
@@ -298,15 +393,78 @@ def _at_version(store: str, name: str, version: int | None, use: Callable[[Delta
         return None
     result = use(dt)
     if version is not None and dt.version() != version:
-        result = use(DeltaTable(table_uri(store, name), version=version))
+        uri = table_uri(store, name)
+        try:
+            own = DeltaTable(uri, version=version)
+        except DeltaError as err:
+            raise _damaged(uri, err, version) from None
+        result = use(own)
     return result
 
 
-def files(store: str, name: str, *, version: int | None = None, where: dict[str, Any] | None = None) -> list[str]:
+def files(
+    store: str,
+    name: str,
+    *,
+    version: int | None = None,
+    where: dict[str, Any] | None = None,
+    must_exist: bool = False,
+) -> list[str]:
     """URIs of the Parquet files of `name` (latest version, or `version`); `where` (partition column → a
-    value or a list of values; other columns are ignored) keeps those of the partitions it names."""
+    value or a list of values; other columns are ignored) keeps those of the partitions it names.
+    `must_exist` raises DataFileMissing for the first one that is gone from a local store (a stat per file):
+    for readers that open the files themselves (DuckDB) and would name only the path."""
+
+    def uris(dt: DeltaTable) -> list[str]:
+        found = dt.file_uris(file_pruning_predicate=pruning)
+        if must_exist:
+            gone = _first_missing(store, name, dt, found)
+            if gone is not None:
+                raise gone
+        return found
+
     pruning = _partition_filter(name, where or {})
-    return _at_version(store, name, version, lambda dt: dt.file_uris(file_pruning_predicate=pruning)) or []
+    return _at_version(store, name, version, uris) or []
+
+
+def _first_missing(store: str, name: str, dt: DeltaTable, uris: list[str]) -> DataFileMissing | None:
+    """DataFileMissing for the first of `uris` (files of `dt`'s version) that a local store lacks, else None."""
+    for uri in uris:
+        if "://" not in uri and not os.path.exists(uri):
+            return DataFileMissing(resolve_store(store), name, dt.version(), _partition_of(name, uri), uri)
+    return None
+
+
+def _partition_of(name: str, file: str) -> dict[str, Any]:
+    """The partition a data file belongs to, from the hive folders of its path (`round=3` is the int 3)."""
+    partition: dict[str, Any] = {}
+    for folder in file.split("/")[:-1]:
+        col, eq, value = folder.partition("=")
+        if eq and col in PARTITIONS[name]:
+            value = urllib.parse.unquote(value)
+            partition[col] = int(value) if pa.types.is_integer(SCHEMAS[name].field(col).type) else value
+    return partition
+
+
+def dataset_of(dt: DeltaTable, pruning: list[tuple] | None = None) -> Any:
+    """The pyarrow dataset of `dt`'s files (those `pruning` keeps), read through pyarrow's own filesystem for a
+    local table.
+
+    delta-rs's default is a filesystem written in Python (deltalake.fs.DeltaStorageHandler), so pyarrow's IO
+    threads call into Python for every read, also for the reads ahead it issues in the background
+    (pre_buffer). One still at it while the interpreter exits is ended by CPython with pthread_exit, and that
+    unwinding through Arrow's C++ frames aborts the process: "terminate called without an active exception",
+    exit 134, after the command had printed its output (`asymre tables`, about 2 in 100 runs). With pyarrow's
+    native filesystem no IO thread ever needs the interpreter. Object stores keep delta-rs's handler (their
+    credentials live in it)."""
+    uri = dt.table_uri
+    if "://" in uri and not uri.startswith("file://"):
+        return dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
+    import pyarrow.fs as pa_fs
+
+    root = urllib.parse.unquote(uri.removeprefix("file://"))
+    local = pa_fs.SubTreeFileSystem(root, pa_fs.LocalFileSystem())
+    return dt.to_pyarrow_dataset(filesystem=local, file_pruning_predicate=pruning)
 
 
 def read(
@@ -322,18 +480,50 @@ def read(
     Only the files of the partitions `where` names are opened, so a read of one partition costs the same
     however many others the table holds."""
     pruning = _partition_filter(name, where)
-    dataset = _at_version(store, name, version, lambda dt: dt.to_pyarrow_dataset(file_pruning_predicate=pruning))
-    if dataset is None:
+    opened = _at_version(store, name, version, lambda dt: (dt, dt.version(), dataset_of(dt, pruning)))
+    if opened is None:
         frame = empty(name)
         return frame.select(columns) if columns else frame
+    dt, at, dataset = opened
     import pyarrow.dataset as ds
 
     expr = None
     for col, value in where.items():
         term = ds.field(col) == value
         expr = term if expr is None else expr & term
-    table = dataset.to_table(columns=columns or SCHEMAS[name].names, filter=expr)
+    try:
+        table = dataset.to_table(columns=columns or SCHEMAS[name].names, filter=expr)
+    except OSError as err:
+        # pyarrow names only the path; say which table, partition and version lost it. The files are listed
+        # from a handle of version `at` of its own: the shared one may have moved on meanwhile.
+        own = dt if dt.version() == at else open_table(store, name, at)
+        gone = _first_missing(store, name, own, own.file_uris(file_pruning_predicate=pruning))
+        if gone is None:
+            raise
+        raise gone from err
     return pl.from_arrow(table)
+
+
+def summary(store: str, name: str) -> dict[str, int] | None:
+    """version, versions, rows and partitions of `name`'s latest version, or None if it was never written.
+
+    Rows are summed from the log's per-file statistics and the data files are only stat'ed (local stores),
+    never opened: no pyarrow dataset and its thread pools for what a listing needs (see `asymre tables`).
+    Raises TableDamaged or DataFileMissing when the table cannot be read."""
+    dt = open_table(store, name)
+    if dt is None:
+        return None
+    gone = _first_missing(store, name, dt, dt.file_uris())
+    if gone is not None:
+        raise gone
+    try:
+        counts = pa.table(dt.get_add_actions(flatten=True)).column("num_records")
+        n_versions = len(dt.history())  # reads every commit file, also those before the latest checkpoint
+    except DeltaError as err:
+        raise _damaged(table_uri(store, name), err) from None
+    # a file written without statistics (not by this project) has its rows counted from the data
+    rows = dataset_of(dt).count_rows() if counts.null_count else sum(counts.to_pylist())
+    return {"version": dt.version(), "versions": n_versions, "rows": rows, "partitions": len(dt.partitions())}
 
 
 def version(store: str, name: str) -> int | None:
@@ -348,4 +538,12 @@ def history(store: str, name: str) -> list[dict[str, Any]]:
 
 
 def existing_tables(store: str) -> list[str]:
-    return [name for name in SCHEMAS if open_table(store, name) is not None]
+    """The tables written so far, also those that cannot be read any more (TableDamaged)."""
+    have = []
+    for name in SCHEMAS:
+        try:
+            if open_table(store, name) is not None:
+                have.append(name)
+        except TableDamaged:
+            have.append(name)
+    return have

@@ -92,6 +92,11 @@ NUMERIC_CASES = [
     ("\\boxed{2 \\times 3}", "6", "unparsable", "2 \\times 3"),
     ("\\boxed{1/0}", "1", "unparsable", "1/0"),
     ("\\boxed{\\text{seven}}", "7", "unparsable", "\\text{seven}"),
+    ("First \\boxed{3}, finally \\boxed{5}", "5", "correct", "5"),  # the last box is the answer
+    ("First \\boxed{5}, finally \\boxed{3}", "5", "incorrect", "3"),
+    ("\\boxed{\\left(\\frac{1}{2}\\right)}", "0.5", "correct", "\\left(\\frac{1}{2}\\right)"),
+    ("\\boxed{(-3)}", "-3", "correct", "(-3)"),
+    ("\\boxed{(1)(2)}", "2", "unparsable", "(1)(2)"),  # a product, not a value in parentheses
     (BIG + "\\boxed{7}", "7", "correct", "7"),
     (BIG, "7", "unparsable", None),
 ]
@@ -173,6 +178,9 @@ MATH_CASES = [
     ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "correct"),
     ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", "correct"),
     ("\\boxed{3}", "4", "incorrect"),
+    ("First \\boxed{3}, finally \\boxed{5}", "5", "correct"),  # the last box, not the set {3, 5}
+    ("First \\boxed{5}, finally \\boxed{3}", "5", "incorrect"),
+    ("\\boxed{\\left(\\frac{1}{2}\\right)}", "0.5", "correct"),
     ("I do not know.", "4", "unparsable"),
 ]
 
