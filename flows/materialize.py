@@ -98,8 +98,10 @@ def _materialize(stage: Stage, cfg: ExperimentConfig, plan: Plan, round: int, in
     started = time.perf_counter()
     run = StageRun(stage, settings, store, experiment, round, key, where, dict(zip(stage.reads, inputs)))
     try:
-        with stop.running(label):  # what a Ctrl-C names
+        # what a Ctrl-C names; a stage that draws no bar of its own (advantages, curation) still gets one line
+        with stop.running(label), progress.REPORTER.running(label) as ran:
             rows = run_stage(stage, run, launcher_for(cfg, stage), cfg)  # inline, or in a child process
+            ran(rows)
         if "round" in where:  # checks look at one (experiment, round) partition; prompts have none
             run_checks(
                 store, experiment=experiment, round=round, tables=list(stage.writes),

@@ -1,4 +1,4 @@
--- Baseline V and advantage A = r − V per rollout (ALGORITHMS.md, AsymRE baseline modes).
+-- Baseline V and advantage A = r − V per rollout (AsymRE, arXiv 2506.20520: V = group mean + δV, δV < 0).
 -- Parameters: $mode (group_mean | constant | batch_mean), $delta_v, $constant. Reads `rewards`.
 with groups as (
     select experiment, round, prompt_id, count(*)::integer as group_size, avg(reward) as group_mean_reward

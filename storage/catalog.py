@@ -39,14 +39,19 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def table_view_sql(store: str, name: str, version: int | None = None, where: dict | None = None) -> str:
+def table_view_sql(
+    store: str, name: str, version: int | None = None, where: dict | None = None, relative_to: str | None = None
+) -> str:
     """CREATE VIEW for one table at `version` (latest by default); an empty typed view if unwritten.
 
     `where` (partition column → a value or a list of values) limits the view to the files of those
     partitions; columns the table is not partitioned by are ignored. Raises TableDamaged or DataFileMissing
-    (DuckDB reads the files' schemas here already, and would name only a path)."""
+    (DuckDB reads the files' schemas here already, and would name only a path). `relative_to`: name the files
+    relative to this folder (views.sql, which DuckDB resolves through its file_search_path)."""
     schema = SCHEMAS[name]
     files = tables.files(store, name, version=version, where=where, must_exist=True)
+    if relative_to is not None:
+        files = [os.path.relpath(f.removeprefix("file://"), relative_to) for f in files]
     if not files:
         cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in schema)
         return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false;"
@@ -71,12 +76,19 @@ def derived_views() -> list[tuple[str, str]]:
     return [(p.stem, p.read_text()) for p in sorted((SQL_DIR / "views").glob("*.sql"))]
 
 
-def catalog_sql(store: str, as_of: dict[str, int] | None = None) -> str:
+def catalog_sql(store: str, as_of: dict[str, int] | None = None, portable: bool = False) -> str:
+    """The views of every table and of sql/views/. `portable` (views.sql): file paths relative to the store,
+    found through DuckDB's file_search_path from the store's folder as written, from inside it, or from its
+    parent, so the file keeps working when the store is copied or moved."""
     as_of = as_of or {}
-    lines = [f"-- asymre catalog of {tables.resolve_store(store)}; regenerated after each stage", ""]
+    root = tables.resolve_store(store)
+    lines = [f"-- asymre catalog of {root}; regenerated after each stage", ""]
+    if portable:
+        search = ",".join([root, ".", os.path.basename(root)])
+        lines += [f"SET file_search_path = {_quote(search)};", ""]
     for name in SCHEMAS:
         try:
-            lines.append(table_view_sql(store, name, as_of.get(name)))
+            lines.append(table_view_sql(store, name, as_of.get(name), relative_to=root if portable else None))
         except (tables.TableDamaged, tables.DataFileMissing) as err:
             lines.append(unreadable_view_sql(name, str(err)))
     for name, sql in derived_views():
@@ -128,9 +140,14 @@ def write_views_sql(store: str) -> Path | None:
     target = Path(root) / "views.sql"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".views.", suffix=".sql")
-    with os.fdopen(fd, "w") as out:
-        out.write(catalog_sql(root))
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(catalog_sql(root, portable=True))
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, a damaged table: no half-written temp file left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return target
 
 

@@ -462,6 +462,23 @@ def test_views_sql_shows_the_store_as_of_its_last_rewrite(hand_store):
     assert summary[1] is not None and not math.isnan(summary[1])
 
 
+def test_views_sql_follows_a_moved_store(hand_store, tmp_path, monkeypatch):
+    """views.sql names files relative to the store: after a move (the original gone) it still works, from the
+    store's parent folder (`duckdb -init store/views.sql`) and from inside the store."""
+    first = tmp_path / "first" / "store"
+    shutil.copytree(hand_store, first)
+    catalog.write_views_sql(str(first))
+    moved = tmp_path / "elsewhere" / "store"
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert str(first) not in (moved / "views.sql").read_text().split("file_search_path", 1)[1].split(";", 1)[1]
+    for cwd in (moved.parent, moved):
+        monkeypatch.chdir(cwd)
+        con = duckdb.connect()
+        con.execute((moved / "views.sql").read_text())
+        assert con.sql("select count(*) from advantages").fetchall()[0][0] == 10
+
+
 # --- round_summaries: one experiment's rounds ----------------------------------------------------------------
 
 
@@ -526,5 +543,5 @@ def test_round_summaries_read_only_the_experiment_and_rounds_asked(summary_store
             Path(path).unlink()
     assert_frame_equal(round_summaries(str(store), "a", [1, 2]), before)
     for experiment, rounds in (("b", None), ("a", None), ("a", [0])):  # these do read the deleted files
-        with pytest.raises(duckdb.IOException):
+        with pytest.raises(tables.DataFileMissing):
             round_summaries(str(store), experiment, rounds)

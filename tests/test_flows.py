@@ -122,8 +122,13 @@ def test_killed_in_training_resumes_to_identical_result(uninterrupted, tmp_path)
 
 
 def test_from_stage_recomputes_only_downstream(uninterrupted, tmp_path):
+    import io
+    import re
     import shutil
 
+    from rich.console import Console
+
+    from flows import progress
     from flows.iterate import experiment_flow
     from flows.materialize import Plan
 
@@ -132,7 +137,14 @@ def test_from_stage_recomputes_only_downstream(uninterrupted, tmp_path):
     before = lineage.runs(str(store), "tiny")["created_at"].max()
     old_rollouts = tables.version(str(store), "rollouts")
 
-    experiment_flow(tiny(store, "advantage.delta_v=-0.3"), plan=Plan("advantages", 1))
+    shown = io.StringIO()  # what a user watching the recompute sees
+    progress.use(progress.RichReporter(Console(file=shown)))
+    try:
+        experiment_flow(tiny(store, "advantage.delta_v=-0.3"), plan=Plan("advantages", 1))
+    finally:
+        progress.use(progress.Reporter())
+    for stage in ("advantages", "curation"):  # stages without a bar of their own still say they ran
+        assert re.search(rf"round 1: {stage} +\d+ rows", shown.getvalue()), shown.getvalue()
 
     rerun = lineage.runs(str(store), "tiny").filter(pl.col("created_at") > before)
     ran = {(r["round"], r["stage"]) for r in rerun.iter_rows(named=True) if r["status"] == "done"}
@@ -155,8 +167,14 @@ def test_cli_run_status_and_report(uninterrupted, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "skipped" in done.stderr and "round 1" in done.stderr
     assert (store / "reports" / "report.png").stat().st_size > 10_000
+    assert "checkpoint 0 (μ_0): test greedy" in done.stdout and "base stored, eval stored" in done.stdout
     status = subprocess.run(["asymre", "status", "tiny", "--store", str(store)], capture_output=True, text=True)
-    assert status.returncode == 0 and "rollouts" in status.stdout and "64r" in status.stdout
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    header = next(line for line in lines if line.startswith("stage "))
+    row0 = next(line for line in lines if line.startswith("    0 "))
+    assert row0[header.index(" rollouts") + 1 :].startswith("64 ")  # 16 prompts × 4 samples
 
 
 def test_bad_config_fails_before_work(tmp_path):
