@@ -295,12 +295,8 @@ def run(
 def _failure(err: Exception, cfg) -> str:
     """What went wrong in one message that names the fix; the exception's type only where it is not ours."""
     from flows import preflight
-    from flows.launch import StageProcessFailed
-    from flows.materialize import CheckFailed, StoredOutputMissing
-    from stages.models import PolicyLoadError
-    from stages.prompts import PromptDataError
-    from storage.checkpoints import CheckpointDamaged
-    from storage.tables import DataFileMissing, SchemaError, TableDamaged
+    from flows.launch import user_errors
+    from storage.tables import DataFileMissing
 
     where = f"see `asymre status {cfg.name}`; rerun with -v for the traceback"
     full = preflight.disk_full(err)
@@ -308,11 +304,7 @@ def _failure(err: Exception, cfg) -> str:
         return preflight.disk_full_message(cfg.store, cfg.name, full)
     if isinstance(err, DataFileMissing):
         return f"{err}: {preflight.rebuild_hint(err.table, err.partition)}"
-    ours = (
-        PromptDataError, PolicyLoadError, StoredOutputMissing, CheckFailed, StageProcessFailed, CheckpointDamaged,
-        TableDamaged, SchemaError,
-    )  # fmt: skip
-    if isinstance(err, ours):
+    if isinstance(err, user_errors()):
         return f"{err}\n({where})"
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {first}\n({where})"

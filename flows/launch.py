@@ -438,6 +438,21 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can cause (wrong data, model, a damaged store) whose message names the fix: shown as
+    one line, without a traceback, by a child and by `asymre run`."""
+    from flows.materialize import CheckFailed, StoredOutputMissing
+    from stages.models import PolicyLoadError
+    from stages.prompts import PromptDataError
+    from storage.checkpoints import CheckpointDamaged
+    from storage.tables import DataFileMissing, SchemaError, TableDamaged
+
+    return (
+        PromptDataError, PolicyLoadError, StoredOutputMissing, CheckFailed, StageProcessFailed, CheckpointDamaged,
+        DataFileMissing, TableDamaged, SchemaError,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.launch SPEC`: run one stage as the spec says (alone, or as one torchrun rank)."""
     _die_with_parent()
@@ -457,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             reads = sorted(run.settings.reads)
             _write_json(Path(spec["result"]), {"rows": rows, "versions": run.versions, "reads": reads})
+    except user_errors() as err:  # its message names the fix: no traceback (the parent shows the output's end)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if distributed:
             import torch.distributed as dist

@@ -201,8 +201,9 @@ def check_tiny_fits(cfg: ExperimentConfig, prompts: pl.DataFrame) -> None:
     from stages.models import build_tiny_tokenizer
     from stages.prompts import render_prompts
 
-    rendered = render_prompts(prompts, build_tiny_tokenizer(), cfg.prompts.template, cfg.prompts.use_chat_template)
-    longest = max(len(ids) for ids in rendered["prompt_ids"].to_list())
+    tokenizer = build_tiny_tokenizer()
+    rendered = render_prompts(prompts, tokenizer, cfg.prompts.template, cfg.prompts.use_chat_template)
+    longest = max(len(ids) for ids in tokenizer(rendered["text"].to_list())["input_ids"])
     new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
     if longest + new > TINY_POSITIONS:
         raise PreflightError(

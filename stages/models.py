@@ -98,7 +98,7 @@ def warm_start(
     the accuracy curve is steep here, so a fixed step count lands anywhere from 5 % to 30 %.
     """
     held_out = None
-    if config.warm_start_target is not None:
+    if config.warm_start_target is not None and len(prompts_train) >= 4:  # fewer: nothing to hold out, no target
         shuffled = prompts_train.sample(fraction=1.0, shuffle=True, seed=seed)
         n_held = min(HELD_OUT, len(shuffled) // 4)  # small pools (tests) still keep most rows for training
         held_out, prompts_train = shuffled.head(n_held), shuffled.tail(-n_held)

@@ -208,8 +208,8 @@ def test_a_killed_child_fails_clearly_and_a_rerun_resumes_to_the_same_result(inl
 
 @pytest.mark.slow
 def test_a_failing_child_shows_its_output_and_its_exit_code(tmp_path, capsys):
-    """A stage that raises in its child (an eval of a checkpoint never registered): the child's traceback
-    goes to stderr as it comes and ends the error, which names the exit code."""
+    """A stage that raises in its child (an eval of a checkpoint never registered): the child's one-line error
+    (a user's error: no traceback) goes to stderr as it comes and ends the error, which names the exit code."""
     cfg = tiny(tmp_path)
     stage = PIPELINE["eval"]
     nowhere = StageRef("train", "checkpoints", 0, "no-key", None, 1, skipped=False, where={"round": 5})
@@ -221,8 +221,10 @@ def test_a_failing_child_shows_its_output_and_its_exit_code(tmp_path, capsys):
         launch.run_stage(stage, run, Launcher(kind="process"), cfg)
     message = str(err.value)
     assert "stage eval of round 5" in message and "exit code 1" in message
-    assert "Traceback" in message and "FileNotFoundError: checkpoint 5 of launched" in message
-    assert "FileNotFoundError" in capsys.readouterr().err  # forwarded as it came
+    assert "Traceback" not in message
+    assert "| error: checkpoint 5 of experiment 'launched' is not registered" in message
+    assert "--from-stage train --round 4" in message
+    assert "error: checkpoint 5 of experiment 'launched'" in capsys.readouterr().err  # forwarded as it came
 
 
 # ---- progress lines ----------------------------------------------------------------------------------

@@ -87,6 +87,16 @@ def test_short_warm_start_lowers_loss(train_prompts):
     assert not model.training
 
 
+def test_warm_start_on_a_pool_too_small_to_hold_out_runs_its_steps(train_prompts):
+    """Fewer than 4 training prompts: nothing is held out for the target check, the steps run (no IndexError)."""
+    tok = build_tiny_tokenizer()
+    stats = warm_start(
+        build_tiny_model(tok, seed=0), tok, train_prompts.head(1), ModelConfig(warm_start_steps=3, warm_start_batch_size=4),
+        *TEMPLATE, seed=0, device="cpu",
+    )  # fmt: skip
+    assert stats["steps"] == 3 and stats["held_out_accuracy"] is None
+
+
 def test_warm_started_policy_is_reproducible_and_saves(tmp_path, train_prompts):
     config = ModelConfig(warm_start_steps=2, warm_start_batch_size=8)
     model, tok, stats = warm_started_policy(config, train_prompts, *TEMPLATE, seed=0, device="cpu")
