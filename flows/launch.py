@@ -438,13 +438,17 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+class StoredOutputMissing(RuntimeError):
+    """`--from-stage` reuses a stage's output as stored, and there is none."""
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can cause (wrong data, model, a damaged store) whose message names the fix: shown as
     one line, without a traceback, by a child and by `asymre run`."""
-    from flows.materialize import CheckFailed, StoredOutputMissing
     from stages.models import PolicyLoadError
     from stages.prompts import PromptDataError
     from storage.checkpoints import CheckpointDamaged
+    from storage.checks import CheckFailed
     from storage.tables import DataFileMissing, SchemaError, TableDamaged
 
     return (

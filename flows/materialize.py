@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flows import progress, stop
-from flows.launch import StageProcessFailed, StageRef, StageRun, launcher_for, run_stage
+from flows.launch import StageProcessFailed, StageRef, StageRun, StoredOutputMissing, launcher_for, run_stage
 from flows.pipeline import CODE_VERSIONS, PIPELINE, STAGES, Settings, Stage, stage_key, upstream_tables
 from stages.config import ExperimentConfig
 from storage import catalog, lineage, tables
@@ -43,10 +43,6 @@ def position(stage: str, round: int) -> tuple[int, int]:
     if stage == "eval":
         return (round - 1, STAGES.index("eval")) if round > 0 else (0, STAGES.index("base"))
     return round, STAGES.index(stage)
-
-
-class StoredOutputMissing(RuntimeError):
-    pass
 
 
 def materialize(name: str, cfg: ExperimentConfig, plan: Plan, round: int, inputs: Sequence[StageRef] = ()) -> StageRef:
