@@ -16,6 +16,7 @@ from flows.materialize import Plan
 from flows.round import experiment_start, round_flow, task_runner
 from stages.config import ExperimentConfig
 from storage import catalog, lineage, tables
+from storage.lineage import completed_rounds
 
 
 @flow(name="asymre-experiment", flow_run_name="{cfg.name}", persist_result=False, validate_parameters=False)
@@ -45,12 +46,6 @@ def _round_heartbeats():
     if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
         return contextlib.nullcontext()
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-def completed_rounds(store: str, experiment: str) -> int:
-    """Rounds whose last stage (eval of the next checkpoint) finished, by stage_runs."""
-    done = lineage.runs(store, experiment).filter((pl.col("stage") == "eval") & (pl.col("status") == "done"))
-    return int(done["round"].max()) if done.height else 0
 
 
 def standing(store: str, experiment: str, rounds: int) -> str:

@@ -70,7 +70,7 @@ def check_plan(cfg: ExperimentConfig, rounds: int, plan: Plan) -> None:
         raise PreflightError(f"{flag}: round {k} is not among the rounds to run (0..{rounds - 1}); raise --rounds")
     done = lineage.runs(cfg.store, cfg.name).filter(pl.col("status") == "done")
     finished = set(zip(done["stage"].to_list(), done["round"].to_list(), strict=True))
-    complete = completed_rounds(done)
+    complete = lineage.completed_rounds(cfg.store, cfg.name)
     for stage, r in _nodes(rounds):
         if plan.reuse_as_stored(stage, r) and (stage, r) not in finished:
             if not finished:
@@ -85,12 +85,6 @@ def check_plan(cfg: ExperimentConfig, rounds: int, plan: Plan) -> None:
                 else f"{flag} reuses what comes before it as stored, but stage {stage} never finished; "
                 "run without --from-stage to continue"
             )
-
-
-def completed_rounds(done: pl.DataFrame) -> int:
-    """Rounds whose last stage (the evaluation of the next checkpoint, recorded as round k+1) finished."""
-    evals = done.filter(pl.col("stage") == "eval")["round"]
-    return int(evals.max()) if evals.len() else 0
 
 
 def _nodes(rounds: int) -> list[tuple[str, int]]:
@@ -276,8 +270,7 @@ def round_size(store: str, experiment: str) -> tuple[int, int, int] | None:
     finished round, or None."""
     from storage.checkpoints import checkpoint_dir
 
-    done = lineage.runs(store, experiment).filter(pl.col("status") == "done")
-    finished = completed_rounds(done)
+    finished = lineage.completed_rounds(store, experiment)
     if finished == 0:
         return None
     k = finished - 1

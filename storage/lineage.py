@@ -116,3 +116,9 @@ def output_holds(store: str, table: str, where: dict[str, Any], key: str, empty_
     (the run that wrote it recorded zero rows)."""
     keys = tables.read(store, table, columns=["stage_key"], **where)["stage_key"]
     return set(keys.to_list()) <= {key} and (keys.len() > 0 or empty_ok)
+
+
+def completed_rounds(store: str, experiment: str) -> int:
+    """Rounds whose last stage (the evaluation of the next checkpoint, recorded as round k+1) finished."""
+    done = runs(store, experiment).filter((pl.col("stage") == "eval") & (pl.col("status") == "done"))
+    return int(done["round"].max()) if done.height else 0

@@ -332,3 +332,14 @@ TINY = [
     "eval.sampled=1",
     "rounds=2",
 ]
+
+# The tables a resumed or rerun experiment must reproduce, compared without what differs by run (wall times,
+# timestamps, the checkpoint folder's path).
+COMPARED = ["prompts", "rollouts", "rewards", "advantages", "train_set", "train_steps", "evals", "checkpoints"]
+
+
+def comparable(store, table: str):
+    from storage import tables
+
+    frame = tables.read(str(store), table).drop(["created_at", "path", "tokens_per_s"], strict=False)
+    return frame.sort([c for c in ("round", "prompt_id", "sample_idx", "mode", "step") if c in frame.columns])

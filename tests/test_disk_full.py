@@ -3,25 +3,17 @@ round needs, the tables keep their previous versions, and the rerun after freein
 a run that never ran out."""
 
 import subprocess
-from pathlib import Path
 
-import polars as pl
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
 from storage import tables
-from tests.frames import TINY
+from tests.frames import COMPARED, TINY, comparable
 
 pytestmark = pytest.mark.slow
 
 SETS = [x for a in [*TINY, "name=tiny"] for x in ("--set", a)]
-COMPARED = ["prompts", "rollouts", "rewards", "advantages", "train_set", "train_steps", "evals", "checkpoints"]
-
-
-def _comparable(store: Path, table: str) -> pl.DataFrame:
-    frame = tables.read(str(store), table).drop(["created_at", "path", "tokens_per_s"], strict=False)
-    return frame.sort([c for c in ("round", "prompt_id", "sample_idx", "mode", "step") if c in frame.columns])
 
 
 @pytest.fixture
@@ -61,4 +53,4 @@ def test_full_disk_stops_cleanly_and_the_rerun_after_freeing_space_is_identical(
     finally:
         progress.REPORTER = reporter
     for table in COMPARED:
-        assert _comparable(store, table).equals(_comparable(reference, table)), table
+        assert comparable(store, table).equals(comparable(reference, table)), table

@@ -14,14 +14,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from storage import lineage, tables
-from tests.frames import TINY
+from storage import lineage
+from tests.frames import COMPARED, TINY, comparable
 
 pytestmark = pytest.mark.slow
 
 ROUND = [*[a for a in TINY if not a.startswith("rounds=")], "rounds=1", "name=tiny"]
 STAGES = ["base", "rollouts", "rewards", "advantages", "curation", "train", "eval"]
-COMPARED = ["prompts", "rollouts", "rewards", "advantages", "train_set", "train_steps", "evals", "checkpoints"]
 
 # `asymre run` whose stage argv[1] (in its first round) busies the flow's thread in C++ (matrix products) until signalled, after
 # touching argv[2]: a stage that is in the middle of heavy work when the signal comes.
@@ -92,11 +91,6 @@ def _stop_in(stage: str, sig: signal.Signals, store: Path, tmp: Path) -> None:
     assert interrupted.is_empty(), f"{stage} marked done after {sig.name}"
 
 
-def _comparable(store: Path, table: str) -> pl.DataFrame:
-    frame = tables.read(str(store), table).drop(["created_at", "path", "tokens_per_s"], strict=False)
-    return frame.sort([c for c in ("round", "prompt_id", "sample_idx", "mode", "step") if c in frame.columns])
-
-
 def test_sigint_and_sigterm_stop_every_stage_and_resume_to_the_uninterrupted_result(tmp_path, prefect_harness):
     from flows.config import load_config
     from flows.iterate import experiment_flow
@@ -115,7 +109,7 @@ def test_sigint_and_sigterm_stop_every_stage_and_resume_to_the_uninterrupted_res
         stores = list(pool.map(chain, [signal.SIGINT, signal.SIGTERM]))
     for store in stores:
         for table in COMPARED:
-            assert _comparable(store, table).equals(_comparable(reference, table)), (store.name, table)
+            assert comparable(store, table).equals(comparable(reference, table)), (store.name, table)
 
 
 def test_stop_names_where_and_leaves_no_children(tmp_path):
