@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
+from stages import gguf
 from stages.advantage import advantages as advantage_rows
 from stages.config import ExperimentConfig
 from stages.curate import curate
@@ -121,7 +122,7 @@ def base_checkpoint(run: StageRun) -> int:
     s = run.settings
     folder = checkpoints.checkpoint_dir(run.store, run.experiment, 0)
     if s.model.name == BUILTIN_POLICY:
-        cache = Path(run.store) / "cache" / f"builtin-tiny-{run.key}"
+        cache = checkpoints.cache_dir(run.store) / f"builtin-tiny-{run.key}"
         cached = checkpoints.complete(cache)
         label = "warm start (from the store's cache)" if cached else "warm start"
         with run.progress(label, s.model.warm_start_steps) as bar:
@@ -133,7 +134,10 @@ def base_checkpoint(run: StageRun) -> int:
                 checkpoints.save(cache, model, tokenizer, record=stats)
         checkpoints.copy(cache, folder)
     else:
-        model, tokenizer = load_policy(s.model.name, s.model.dtype, "cpu")
+        source = s.model.name
+        if gguf.is_gguf(source):
+            source = dequantised_gguf(run, gguf.locate(source))
+        model, tokenizer = load_policy(source, s.model.dtype, "cpu")
         checkpoints.save(folder, model, tokenizer)
     checkpoints.register(
         run.store, experiment=run.experiment, round=0, path=folder, parent_version=None, loss=None, stage_key=run.key
@@ -141,12 +145,29 @@ def base_checkpoint(run: StageRun) -> int:
     return 1
 
 
+def dequantised_gguf(run: StageRun, path: Path) -> str:
+    """The plain Hugging Face folder of a GGUF file, dequantised once per file content into the store's cache."""
+    cache = gguf.cache_folder(Path(run.store) / "cache", path)
+    if not checkpoints.complete(cache):
+        with run.progress(f"dequantise {path.name}") as bar:
+            model, tokenizer = gguf.dequantise(path)
+            checkpoints.save(cache, model, tokenizer, record={"gguf": str(path), "sha256": gguf.file_sha256(path)})
+            bar(1, 1, str(cache))
+    return str(cache)
+
+
+def chat(s: Settings) -> tuple:
+    """How a stage renders prompts: render_prompts' arguments after the tokenizer."""
+    p = s.prompts
+    return p.template, p.use_chat_template, p.system_prompt, p.user_message
+
+
 def rollout_rows(run: StageRun) -> int:
     s, k = run.settings, run.round
     ckpt = run.checkpoint("checkpoint")
     model, tokenizer = load_sampler(ckpt["path"], s.model.dtype, run.device, s.rollout.engine)
     chosen = sample_round_prompts(split(run.read("prompts"), "train"), s.prompts.per_round, k, s.seed)
-    chosen = render_prompts(chosen, tokenizer, s.prompts.template, s.prompts.use_chat_template)
+    chosen = render_prompts(chosen, tokenizer, *chat(s))
     with run.progress(f"round {k}: rollouts", chosen.height * s.rollout.samples_per_prompt) as bar:
         frame = generate_rollouts(
             model, tokenizer, chosen, s.rollout, experiment=run.experiment, round=k,
@@ -235,9 +256,7 @@ def eval_rows(run: StageRun) -> int:
     s, j = run.settings, run.round
     ckpt = run.checkpoint("checkpoint")
     model, tokenizer = load_sampler(ckpt["path"], s.model.dtype, run.device, s.rollout.engine)
-    test = render_prompts(
-        split(run.read("prompts"), "test"), tokenizer, s.prompts.template, s.prompts.use_chat_template
-    )
+    test = render_prompts(split(run.read("prompts"), "test"), tokenizer, *chat(s))
     r = s.rollout
     verify = partial(verify_batch, verifier=s.reward.verifier, timeout_s=s.reward.timeout_s, workers=s.reward.workers)
     with run.progress(f"eval checkpoint {j}", test.height) as bar:
@@ -317,11 +336,11 @@ PIPELINE: dict[str, Stage] = {
         Stage(
             "base", ("checkpoints",), ("prompts",),
             ("model", "prompts.template", "prompts.use_chat_template", "seed", "device"),
-            ("stages.models",), "accelerator", base_checkpoint, per_round=False,
+            ("stages.models", "stages.gguf"), "accelerator", base_checkpoint, per_round=False,
         ),
         Stage(
             "rollouts", ("rollouts",), ("prompts", "checkpoint"),
-            ("rollout", "prompts.per_round", "prompts.template", "prompts.use_chat_template", "model.dtype", "seed",
+            ("rollout", "prompts.per_round", "prompts.template", "prompts.use_chat_template", "prompts.system_prompt", "prompts.user_message", "model.dtype", "seed",
              "device"),
             ("stages.rollout", "stages.prompts", "stages.models"), "accelerator", rollout_rows, retries=2,
         ),
@@ -342,7 +361,7 @@ PIPELINE: dict[str, Stage] = {
              "rollout.engine", "rollout.batch_size", "rollout.gpu_memory_utilization", "rollout.tensor_parallel_size",
              "rollout.engines", "rollout.max_num_seqs", "rollout.enable_prefix_caching", "rollout.enforce_eager",
              "rollout.dtype", "reward.verifier",
-             "reward.timeout_s", "reward.workers", "prompts.template", "prompts.use_chat_template", "model.dtype",
+             "reward.timeout_s", "reward.workers", "prompts.template", "prompts.use_chat_template", "prompts.system_prompt", "prompts.user_message", "model.dtype",
              "seed", "device"),
             ("stages.evaluate", "stages.prompts", "stages.models", "stages.verify"), "accelerator", eval_rows,
         ),

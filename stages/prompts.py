@@ -348,13 +348,27 @@ def sample_round_prompts(prompts: pl.DataFrame, per_round: int, round: int, seed
     return train[picked]
 
 
-def render_prompts(frame: pl.DataFrame, tokenizer, template: str, use_chat_template: bool) -> pl.DataFrame:
-    """`frame` with a column `text`: the question in the tokenizer's chat template (where it has one and
-    use_chat_template is set), else in `template` ({question} replaced)."""
+def render_prompts(
+    frame: pl.DataFrame,
+    tokenizer,
+    template: str,
+    use_chat_template: bool,
+    system_prompt: str | None = None,
+    user_message: str = "{question}",
+) -> pl.DataFrame:
+    """`frame` with a column `text`: where the tokenizer has a chat template (and use_chat_template is set), a
+    user turn of `user_message` ({question} replaced) after a system turn of `system_prompt` when given (else
+    the template's own default, if it has one), opened for the assistant's answer; else `template` with
+    {question} replaced."""
     chat = use_chat_template and getattr(tokenizer, "chat_template", None)
     if chat:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": user_message.replace("{question}", q)}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
             for q in frame["prompt"]
         ]
     else:

@@ -11,7 +11,7 @@ import torch
 from stages.config import RolloutConfig
 from stages.logprobs import LeftPadBatch, completion_logprobs, left_pad_batch, recompute_logprobs
 from stages.models import build_tiny_model, build_tiny_tokenizer
-from stages.rollout import _cut_at_eos, encode_prompts, generate_rollouts
+from stages.rollout import _cut_at_eos, encode_prompts, generate_rollouts, sampled_logprobs
 from storage.schemas import SCHEMAS
 
 # different lengths, so every generate batch and forward pass is left-padded
@@ -55,6 +55,21 @@ def test_behaviour_logprobs_match_forward_pass(model, tokenizer, prompts, temper
     ]
     assert len(gaps) == rows["num_tokens"].sum()
     assert max(gaps) < 1e-4
+
+
+def test_sampled_logprobs_exact_over_a_large_vocabulary():
+    """A real tokenizer's vocabulary (49k, SmolLM2): the log-prob of the sampled token within 2e-5 of float64.
+    transformers' compute_transition_scores (log_softmax across a strided dimension) was off by 1e-4 here."""
+    g = torch.Generator().manual_seed(0)
+    vocab, batch, steps = 49152, 8, 6
+    scores = tuple(torch.randn(batch, vocab, generator=g) * 4 for _ in range(steps))
+    tokens = torch.randint(0, vocab, (batch, steps), generator=g)
+    exact = torch.stack(
+        [torch.log_softmax(s.double(), -1).gather(1, tokens[:, t : t + 1])[:, 0] for t, s in enumerate(scores)], 1
+    )
+    got = sampled_logprobs(scores, tokens)
+    assert got.shape == (batch, steps) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max().item() < 2e-5
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
