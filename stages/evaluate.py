@@ -46,13 +46,19 @@ def evaluate(
     prompt_ids = encode_prompts(tokenizer, test_prompts["text"].to_list())
     modes = []
     if config.greedy:
-        modes.append(("greedy", SamplingSpec(1, False, 1.0, 0, 1.0, max_new_tokens)))
+        modes.append(("greedy", SamplingSpec(1, False, 1.0, 0, 1.0, max_new_tokens, logprobs=False)))
     if config.sampled:
         modes.append(
             (
                 "sampled",
                 SamplingSpec(
-                    config.sampled, True, sampling.temperature, sampling.top_k, sampling.top_p, max_new_tokens
+                    config.sampled,
+                    True,
+                    sampling.temperature,
+                    sampling.top_k,
+                    sampling.top_p,
+                    max_new_tokens,
+                    logprobs=False,  # an answer's correctness is all the eval keeps
                 ),
             )
         )

@@ -17,7 +17,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from stages.models import PolicyLoadError
+from stages.models import PolicyLoadError, quiet_transformers
 
 MAGIC = b"GGUF"
 EXTRA = 'pip install -e ".[gguf]"'
@@ -98,6 +98,7 @@ def dequantise(path: Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_packages()
+    quiet_transformers()
     folder, file = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)

@@ -156,6 +156,7 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.d
     """(model, tokenizer) of any causal LM folder or hub id; tokenizer left-padded with a pad token."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     name = str(name_or_path)
     if name.startswith("builtin:"):
         raise PolicyLoadError(
@@ -175,6 +176,14 @@ def load_policy(name_or_path: str, dtype: str = "float32", device: str | torch.d
             "hub id that is reachable or already in the Hugging Face cache (model.name)"
         ) from None
     return model.to(device).eval(), tokenizer
+
+
+def quiet_transformers() -> None:
+    """No tqdm bars of transformers' own (loading, converting, writing shards): the stage shows its own line,
+    and in logs every redraw of a bar would be a line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(name: str):
