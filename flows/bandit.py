@@ -3,15 +3,13 @@ iteration (Figure 2), as tables in the store with their figures and a printed su
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from stages import bandit
-from storage import catalog, tables
+from storage import catalog, object_store, tables
 
 TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -45,10 +43,13 @@ def bandit_flow(
     limits = limits_table(store, name, seed, arms, grid)
     iterations = iterations_table(store, name, seed, arms, rounds, steps, batch)
     catalog.write_views_sql(store)
-    reports = Path(tables.resolve_store(store)) / "reports"
+    reports = object_store.local_root(tables.resolve_store(store)) / "reports"  # on S3: here, then uploaded
     reports.mkdir(parents=True, exist_ok=True)
     bandit.plot_limits(limits, reports / f"{name}-limits.png")
     bandit.plot_iterations(iterations, reports / f"{name}-iterations.png")
+    object_store.publish(
+        tables.resolve_store(store), [reports / f"{name}-{f}.png" for f in ("limits", "iterations")], "reports"
+    )
     return {
         **bandit.summary(limits),
         "experiment": name,

@@ -212,7 +212,9 @@ def _prefect_env(store: str, verbose: bool = False) -> None:
     """Point Prefect's home into the store and set the settings measured to work here, unless the user has."""
     import os
 
-    os.environ.setdefault("PREFECT_HOME", str(Path(store) / ".prefect"))
+    from storage.object_store import local_root  # a store on S3: a folder of this machine's cache
+
+    os.environ.setdefault("PREFECT_HOME", str(local_root(store) / ".prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its SQLite file needs the folder
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -405,14 +407,26 @@ def serve(
     interval: Annotated[float | None, typer.Option(help="seconds between rounds")] = None,
     sets: Annotated[list[str], typer.Option("--set", help="section.field=value; repeatable")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's INFO logs")] = False,
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--work-pool",
+            help="register the deployment on this process work pool (created if missing) and exit: "
+            "`prefect worker start --pool NAME` on each GPU machine runs it (--cron/--interval optional)",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Serve a Prefect deployment that runs the next round of the experiment on a schedule; one line per round."""
+    """Serve a Prefect deployment that runs the next round of the experiment on a schedule; one line per round.
+    With --work-pool: register it on a work pool whose workers run it, and exit."""
     import os
     import urllib.request
 
-    if (cron is None) == (interval is None):
-        fail("give exactly one of --cron EXPR or --interval SECONDS")
+    if work_pool is None and (cron is None) == (interval is None):
+        fail("give exactly one of --cron EXPR or --interval SECONDS (or --work-pool NAME)")
+    if cron is not None and interval is not None:
+        fail("give at most one of --cron EXPR or --interval SECONDS")
     cfg = _load(config, sets, store)
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     url = os.environ["PREFECT_API_URL"].rstrip("/")
@@ -420,6 +434,9 @@ def serve(
         urllib.request.urlopen(f"{url}/health", timeout=5)
     except OSError:
         fail(f"no Prefect server answers at {url}; start one with `prefect server start` (or set PREFECT_API_URL)")
+    if work_pool is not None:
+        _register_on_pool(config, sets, cfg, work_pool, cron, interval, url)
+        return
     if not verbose:  # warnings and a failed round's traceback stay; the per-run INFO stream goes
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     _prefect_env(cfg.store, verbose)
@@ -435,6 +452,41 @@ def serve(
     )
     stopped_by = serve_deployment(config_path, [*sets], cfg.store, cfg.name, cron, interval)
     typer.echo(f"stopped by {stopped_by or 'the runner'}: a round in progress is cancelled and the next run resumes it")
+
+
+def _register_on_pool(config: Path | None, sets: list[str], cfg, pool: str, cron, interval, url: str) -> None:
+    """`serve --work-pool`: register the deployment and say how to run it. Its parameters (config path, --set
+    values, store) are stored on the server and read by every worker, so they must hold no credentials."""
+    import os
+    from urllib.parse import urlsplit
+
+    if "://" in cfg.store and (urlsplit(cfg.store).username or urlsplit(cfg.store).password):
+        fail(
+            f"store {cfg.store.split('://')[0]}://…@…: credentials in the store URL would be stored in the "
+            "deployment; give s3://bucket/prefix and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY on each worker",
+            code=2,
+        )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.serve import QUEUES, PoolError, experiment_limit, register
+
+    config_path = str(config.resolve()) if config else None
+    try:
+        created = register(config_path, [*sets], cfg.store, cfg.name, pool, cron, interval)
+    except PoolError as err:
+        fail(str(err), code=2)
+    deployment = f"asymre-next-round/{cfg.name}"
+    when = f"on cron {cron!r}" if cron else f"every {interval:g} s" if interval else "when triggered"
+    shared = "" if "://" in cfg.store else " (a local path: every worker must see it there, e.g. a shared file system)"
+    typer.echo(
+        f"{'created process work pool ' + repr(pool) + ' and ' if created else ''}registered {deployment} on work "
+        f"pool {pool!r} at {url}: one round {when}; {QUEUES}.\n"
+        f"rounds of {cfg.name} never overlap (concurrency limit {experiment_limit(cfg.name)}, 1 slot) and each machine "
+        f"runs one round at a time (asymre-worker-<host>, 1 slot).\n"
+        f"workers read config {config_path or '(built-in default)'} and store {cfg.store}{shared}; "
+        f"AWS credentials come from each worker's environment.\n"
+        f"on each GPU machine: PREFECT_API_URL={url} prefect worker start --pool {pool}\n"
+        f"run a round now: prefect deployment run '{deployment}'"
+    )
 
 
 @app.command("bandit")
@@ -462,15 +514,54 @@ def bandit_study(
     typer.echo("figures:\n  " + "\n  ".join(s["figures"]))
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Generate data sets that `prompts.source` can read.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("word-problems")
+def word_problems_data(
+    out: Annotated[Path, typer.Option("--out", help="file to write: .parquet, or .jsonl for JSON lines")],
+    train: Annotated[int, typer.Option("--train", help="training problems")] = 2000,
+    test: Annotated[int, typer.Option("--test", help="test problems (drawn first, none in train)")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the draw")] = 0,
+) -> None:
+    """GSM8K-form word problems (question, answer ending in '#### n') in one file with a `split` column."""
+    from stages.wordproblems import word_problems
+
+    if train < 1 or test < 1:
+        fail(f"--train {train} --test {test}: give at least 1 problem for each split", 2)
+    if out.suffix not in (".parquet", ".jsonl"):
+        fail(f"--out {out}: give a path ending in .parquet or .jsonl", 2)
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file path in it, e.g. {out / 'word-problems.parquet'}", 2)
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not folder.is_dir():
+        fail(f"--out {out}: {folder} is a file, not a folder; give a path in a folder", 2)
+    try:
+        frame = word_problems(train, test, seed)
+    except ValueError as err:
+        fail(str(err), 2)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".parquet":
+            frame.write_parquet(out)
+        else:
+            frame.write_ndjson(out)
+    except OSError as err:
+        why = f"{err.strerror}: {err.filename}" if err.strerror else str(err).splitlines()[0]
+        fail(f"--out {out}: cannot write there ({why}); give a path in a writable folder", 2)
+    typer.echo(f"word problems: {train} train, {test} test rows (seed {seed}) -> {out}")
+
+
 @app.command()
 def check(store: StoreOpt = None) -> None:
     """Verify the whole store: tables and their data files, checkpoint hashes, sql/checks, lineage; exit 1 on any problem."""
     from flows.pipeline import PIPELINE
     from storage.doctor import check_store
-    from storage.tables import resolve_store
+    from storage.tables import holds_tables, resolve_store
 
     root = resolve_store(store)
-    if not (Path(root) / "tables").is_dir():  # not existing_tables(): that opens them, and one may be damaged
+    if not holds_tables(root):  # not existing_tables(): that opens them, and one may be damaged
         fail(f"store {root} holds no tables (a mistyped --store?)")
     report = check_store(root, {name: stage.writes[0] for name, stage in PIPELINE.items()})
     for problem in report.problems:

@@ -147,7 +147,7 @@ def base_checkpoint(run: StageRun) -> int:
 
 def dequantised_gguf(run: StageRun, path: Path) -> str:
     """The plain Hugging Face folder of a GGUF file, dequantised once per file content into the store's cache."""
-    cache = gguf.cache_folder(Path(run.store) / "cache", path)
+    cache = gguf.cache_folder(checkpoints.cache_dir(run.store), path)
     if not checkpoints.complete(cache):
         with run.progress(f"dequantise {path.name}") as bar:
             model, tokenizer = gguf.dequantise(path)

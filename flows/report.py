@@ -12,6 +12,7 @@ import polars as pl
 
 from storage import lineage
 from storage.catalog import connect
+from storage.object_store import local_root, publish
 from storage.sql import query
 from storage.tables import resolve_store
 
@@ -43,7 +44,7 @@ def write_report(store: str, experiments: list[str] | None = None, name: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(resolve_store(store)) / "reports"
+    root = local_root(resolve_store(store)) / "reports"  # a store on S3: written here, then uploaded
     root.mkdir(parents=True, exist_ok=True)
     data = curves(store, experiments)
     changes = {e: config_changes(store, e) for e in data["experiment"].unique().to_list()}
@@ -69,6 +70,7 @@ def write_report(store: str, experiments: list[str] | None = None, name: str = "
     plt.close(fig)
     md = root / f"{name}.md"
     md.write_text(_markdown(data, png.name, changes))
+    publish(resolve_store(store), [png, md], "reports")
     return png, md
 
 

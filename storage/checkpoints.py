@@ -1,6 +1,11 @@
 """Checkpoints on disk: `save_pretrained` folders (and the optimizer state) under
 <store>/checkpoints/<experiment>/round=<k>/, written by a folder swap and registered with a content hash.
 
+In a store on S3 a checkpoint is written to a local folder (`checkpoint_dir`), uploaded one object per file when it
+is registered, and registered only once the upload is complete; a stage that loads it gets a local copy from this
+machine's cache of checkpoints by content hash (<cache>/checkpoints/<sha256>), downloaded once and checked against the
+registered hash before it is used.
+
 The optimizer state (optimizer.pt) does not depend on how many processes trained: AdamW's full state keyed by
 the Hugging Face parameter names (OPTIMIZER_FORMAT), the same from one process as from FSDP2 ranks, so a round
 trained in one process and the next under torchrun carry the state across (and back). Under a process group the
@@ -14,14 +19,16 @@ from __future__ import annotations
 import copy as _copy
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 
-from storage import tables
+from storage import object_store, tables
 
 OPTIMIZER_STATE = "optimizer.pt"
 # optimizer.pt: {"format": 2, "optimizer": {"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]},
@@ -32,7 +39,16 @@ RECORD = "record.json"  # written last into a cached folder: its presence marks 
 
 
 def checkpoint_dir(store: str, experiment: str, round: int) -> Path:
-    return Path(tables.resolve_store(store)) / "checkpoints" / experiment / f"round={round}"
+    """The folder checkpoint `round` of `experiment` is written to: in the store, or for a store on S3 a folder
+    of this machine that `register` uploads."""
+    return object_store.local_root(tables.resolve_store(store)) / "checkpoints" / experiment / f"round={round}"
+
+
+def cache_dir(store: str) -> Path:
+    """Where stages cache what their key fully determines (the built-in policy's warm start): in the store, or
+    for a store on S3 in this machine's cache, shared by every store (the key says what the folder holds)."""
+    root = tables.resolve_store(store)
+    return object_store.cache_root() / "cache" if object_store.is_remote(root) else Path(root) / "cache"
 
 
 def replace_dir(folder: Path, fill: Callable[[Path], object]) -> None:
@@ -302,6 +318,14 @@ def stored_path(store: str, path: str | Path) -> str:
         return str(absolute)
 
 
+def location(store: str, stored: str) -> str:
+    """Where the folder a registry row names is now: a local path, or for a store on S3 its s3:// URI."""
+    root = tables.resolve_store(store)
+    if object_store.is_remote(root) and not Path(stored).is_absolute():
+        return f"{root}/{stored}"
+    return str(resolve_path(store, stored))
+
+
 def resolve_path(store: str, stored: str) -> Path:
     """The folder a registry row names, in the store as it is now. Rows written before paths were relative
     hold absolute paths: one that no longer exists is taken from its `checkpoints/` part on, in this store."""
@@ -327,15 +351,23 @@ def register(
     loss: float | None,
     stage_key: str,
 ) -> str:
-    """Hash the folder, record it as μ_round of `experiment`, and return its policy_version."""
+    """Hash the folder, record it as μ_round of `experiment`, and return its policy_version. For a store on S3
+    the folder is uploaded first (registered only once every file is there) and then kept in this machine's
+    cache of checkpoints, from where the next stages load it."""
     sha = cached_sha256(path)  # the folder was just written: rollouts and eval of the next round reuse this
+    root = tables.resolve_store(store)
+    if object_store.is_remote(root):
+        stored = f"checkpoints/{experiment}/round={round}"
+        object_store.upload_folder(Path(path), f"{root}/{stored}")
+    else:
+        stored = stored_path(store, path)
     version = f"{experiment}/round={round}@{sha[:12]}"
     row = {
         "experiment": experiment,
         "round": round,
         "policy_version": version,
         "parent_version": parent_version,
-        "path": stored_path(store, path),
+        "path": stored,
         "loss": loss,
         "sha256": sha,
         "created_at": datetime.now(timezone.utc),
@@ -344,11 +376,62 @@ def register(
     tables.write_partition(
         store, "checkpoints", frame, partition={"experiment": experiment, "round": round}, stage_key=stage_key
     )
+    if object_store.is_remote(root):
+        _keep(Path(path), sha)
     return version
+
+
+def _keep(folder: Path, sha: str) -> None:
+    """Move an uploaded folder into the cache of checkpoints as the copy of `sha` (unless one is there)."""
+    target = cached_copy(sha)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp(folder)
+    try:
+        folder.rename(target)
+    except OSError:  # another process cached the same content first
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    _HASHES[str(target)] = (stamp, sha)  # a rename keeps names, sizes and mtimes: no need to hash it again
+
+
+def cached_copy(sha: str) -> Path:
+    """This machine's copy of the checkpoint whose content hash is `sha` (a store on S3)."""
+    return object_store.cache_root() / "checkpoints" / sha
+
+
+def fetch(row: dict) -> Path:
+    """This machine's copy of the registered checkpoint `row` of a store on S3 (its `path` an s3:// URI): from the
+    cache of checkpoints, else downloaded into it; CheckpointDamaged if the objects are gone or do not make up
+    the registered content (nothing is cached then). A cached copy that no longer matches is fetched afresh."""
+    target = cached_copy(row["sha256"])
+    if target.is_dir():
+        if cached_sha256(target) == row["sha256"]:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+    download = target.with_name(f".{row['sha256']}.{uuid.uuid4().hex}")
+    try:
+        if object_store.download_folder(row["path"], download) == 0:
+            raise CheckpointDamaged(*_damage(row, "its folder is missing"))
+        wrong = problem({**row, "path": str(download)})
+        if wrong is not None:
+            raise CheckpointDamaged(*_damage(row, wrong))
+        stamp = _stamp(download)
+        try:
+            os.rename(download, target)
+            _HASHES[str(target)] = (stamp, row["sha256"])
+        except OSError:  # another process downloaded it first
+            pass
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return target
 
 
 class CheckpointDamaged(RuntimeError):
     """A registered checkpoint's folder is gone or its content differs from the hash registered with it."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message  # what is wrong, without the checkpoint's name and the fix
 
 
 def rebuild_command(round: int) -> str:
@@ -365,7 +448,7 @@ def registered(store: str, experiment: str, round: int, version: int | None = No
     if rows.is_empty():
         return None
     row = rows.row(0, named=True)
-    return {**row, "path": str(resolve_path(store, row["path"]))}
+    return {**row, "path": location(store, row["path"])}
 
 
 def lookup(store: str, experiment: str, round: int, version: int | None = None) -> dict | None:
@@ -374,7 +457,12 @@ def lookup(store: str, experiment: str, round: int, version: int | None = None) 
     Raises CheckpointDamaged when its files differ from what was registered: it is never handed out to a
     stage (rollouts, training, evaluation) unverified."""
     row = registered(store, experiment, round, version)
-    if row is None or not Path(row["path"]).exists():
+    if row is None:
+        return None
+    if object_store.is_remote(row["path"]):
+        if not cached_copy(row["sha256"]).is_dir() and not object_store.holds(row["path"]):
+            return None
+    elif not Path(row["path"]).exists():
         return None
     return _verified(row)
 
@@ -391,7 +479,15 @@ def checked(store: str, experiment: str, round: int, version: int | None = None)
 
 
 def problem(row: dict) -> str | None:
-    """What is wrong with a registered checkpoint's folder (its `path` resolved), or None when it matches its hash."""
+    """What is wrong with a registered checkpoint's folder (its `path` resolved), or None when it matches its hash.
+    On S3 the folder is fetched into this machine's cache to be checked (so `asymre check` downloads each
+    checkpoint once)."""
+    if object_store.is_remote(row["path"]):
+        try:
+            fetch(row)
+        except CheckpointDamaged as err:
+            return err.problem
+        return None
     folder = Path(row["path"])
     if not folder.is_dir():
         return "its folder is missing"
@@ -424,13 +520,21 @@ def _safetensors_shortfall(path: Path) -> int:
     return max(8 + header_len + max(ends, default=0) - size, 0)
 
 
+def _damage(row: dict, wrong: str) -> tuple[str, str]:
+    return (
+        f"checkpoint {row['round']} of experiment {row['experiment']!r} ({row['path']}) is damaged: {wrong}; "
+        f"rebuild it with `{rebuild_command(row['round'])}`",
+        wrong,
+    )
+
+
 def _verified(row: dict) -> dict:
+    """`row` with its hash checked; for a store on S3 with `path` this machine's copy of it."""
+    if object_store.is_remote(row["path"]):
+        return {**row, "path": str(fetch(row))}
     wrong = problem(row)
     if wrong is not None:
-        raise CheckpointDamaged(
-            f"checkpoint {row['round']} of experiment {row['experiment']!r} ({row['path']}) is damaged: {wrong}; "
-            f"rebuild it with `{rebuild_command(row['round'])}`"
-        )
+        raise CheckpointDamaged(*_damage(row, wrong))
     return row
 
 

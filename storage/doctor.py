@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from storage import checkpoints, tables
+from storage import checkpoints, object_store, tables
 from storage.checks import CheckFailed, load_checks, run_checks
 from storage.schemas import PARTITIONS, ROW_KEYS, SCHEMAS
 
@@ -89,7 +89,7 @@ def check_store(store: str, stage_outputs: Mapping[str, str]) -> Report:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    return object_store.redact(f"{type(err).__name__}: {text[0] if text else ''}")[:300]
 
 
 _PARTITION = re.compile(r"(experiment|round|dataset)=([^/]+)")
@@ -114,14 +114,16 @@ def _table_files(store: str, report: Report) -> set[tuple[str, str]]:
             report.add("table", name, f"cannot be opened ({_first_line(err)}); restore tables/{name} from a copy")
             continue
         opened += 1
+        held = tables.present(tables.table_uri(store, name), uris)  # one listing of the table on S3
+        remote = object_store.is_remote(store)
         for uri in uris:
             files += 1
-            path = uri.removeprefix("file://")
+            path = object_store.path_of(uri) if remote else uri.removeprefix("file://")
             part = _partition_of(uri)
             try:
-                if not Path(path).exists():
+                if uri not in held:
                     raise FileNotFoundError("missing")
-                pq.read_metadata(path)
+                pq.read_metadata(path, filesystem=object_store.filesystem() if remote else None)
             except Exception as err:
                 round = int(part["round"]) if "round" in part else None
                 where = " ".join(f"{k}={v}" for k, v in part.items())
@@ -152,7 +154,7 @@ def _checkpoints(store: str, report: Report) -> None:
         return
     report.counts["checkpoints"] = rows.height
     for row in rows.sort("experiment", "round").iter_rows(named=True):
-        row = {**row, "path": str(checkpoints.resolve_path(store, row["path"]))}
+        row = {**row, "path": checkpoints.location(store, row["path"])}
         where = f"{row['experiment']} round={row['round']} ({row['path']})"
         try:
             wrong = checkpoints.problem(row)

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from storage import tables
+from storage import object_store, tables
 
 COMPACT_EVERY = 20  # stage_runs commits between compactions
 
@@ -54,7 +54,7 @@ def record_run(
         "rows": rows,
         "wall_s": wall_s,
         "status": status,
-        "message": message,
+        "message": None if message is None else object_store.redact(message),  # no credential in a table
         "output_version": output_version,
         "created_at": datetime.now(timezone.utc),
     }

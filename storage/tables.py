@@ -24,6 +24,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from storage import object_store
 from storage.schemas import PARTITIONS, SCHEMAS
 
 
@@ -57,9 +58,15 @@ class DataFileMissing(RuntimeError):
 
 
 def resolve_store(store: str | os.PathLike | None = None) -> str:
-    """The store root: the argument, else $ASYMRE_STORE, else ./store (absolute for local paths)."""
+    """The store root: the argument, else $ASYMRE_STORE, else ./store (absolute for local paths, without a trailing
+    slash for an object store: s3://bucket/prefix)."""
     root = str(store or os.environ.get("ASYMRE_STORE") or "./store")
-    return root if "://" in root else str(Path(root).expanduser().resolve())
+    return root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
+
+
+def _delta(uri: str, version: int | None = None) -> DeltaTable:
+    """A DeltaTable handle; one on S3 gets its storage options from the environment (object_store)."""
+    return DeltaTable(uri, version=version, storage_options=object_store.options_for(uri))
 
 
 def table_uri(store: str, name: str) -> str:
@@ -82,7 +89,7 @@ def open_table(store: str, name: str, version: int | None = None) -> DeltaTable 
     if held is not None:
         return held
     try:
-        return DeltaTable(uri, version=version)
+        return _delta(uri, version)
     except TableNotFoundError:
         return None
     except DeltaError as err:  # delta-rs reports a missing version and a damaged log as the same generic error
@@ -94,58 +101,65 @@ def open_table(store: str, name: str, version: int | None = None) -> DeltaTable 
         raise _damaged(uri, err, version) from None
 
 
-# Latest-version handles of local tables, kept per process and brought up to date with
-# update_incremental (reads only the log entries added since), instead of replaying the whole log on
-# every open: a round opens its tables some hundred times (reads, checks, views.sql, lineage). A handle
-# is dropped when the commit file of the version it holds is gone or another file (the table was
-# deleted and made again at the same path).
-_LATEST: dict[str, tuple[DeltaTable, int, tuple[int, int]]] = {}  # uri → (handle, version, stamp of its commit)
+# Latest-version handles of tables, kept per process and brought up to date with update_incremental
+# (reads only the log entries added since), instead of replaying the whole log on every open: a round
+# opens its tables some hundred times (reads, checks, views.sql, lineage). A handle is dropped when the
+# commit file of the version it holds is gone or another file (the table was deleted and made again at
+# the same path): a stat of that file, on S3 one HEAD request (then one listing of the log from there on,
+# where a fresh open lists the log and reads every commit file since its last checkpoint).
+_LATEST: dict[str, tuple[DeltaTable, int, tuple[int, ...]]] = {}  # uri → (handle, version, stamp of its commit)
 _LATEST_LOCK = threading.Lock()
 
 
-def _commit_stamp(uri: str, version: int) -> tuple[int, int] | None:
+def _commit_stamp(uri: str, version: int) -> tuple[int, ...] | None:
+    """(inode, mtime, size) of a commit file, (size, mtime) of its object on S3; None if it is not there."""
+    name = f"_delta_log/{version:020d}.json"
+    if object_store.is_remote(uri):
+        return object_store.stamp(f"{uri}/{name}")
     try:
-        st = os.stat(Path(uri) / "_delta_log" / f"{version:020d}.json")
+        st = os.stat(Path(uri) / name)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns
+    return st.st_ino, st.st_mtime_ns, st.st_size  # size too: a rewrite within one mtime tick keeps the mtime
 
 
 def _latest(uri: str) -> DeltaTable | None:
-    if "://" in uri:  # object stores: no cheap way to tell a remade table apart; open afresh
-        return _open_latest(uri)
     entry = _latest_entry(uri)
     return None if entry is None else entry[0]
 
 
-def _latest_entry(uri: str) -> tuple[DeltaTable, int, tuple[int, int] | None] | None:
-    """(handle, version, stamp of that version's commit file) of a local table, brought up to date and
-    held for the next call; None if unwritten. A version without a commit file (log cleaned up) has no
-    stamp, so its handle is not held."""
+def _latest_entry(uri: str) -> tuple[DeltaTable, int, tuple[int, ...] | None] | None:
+    """(handle, version, stamp of that version's commit file) of a table, brought up to date and held for
+    the next call; None if unwritten. A version without a commit file (log cleaned up) has no stamp, so its
+    handle is not held. The lock guards only the dict (a handle taken out is updated by its one taker), not the
+    requests that bring a table on S3 up to date."""
     with _LATEST_LOCK:
         held = _LATEST.pop(uri, None)
-        dt = None
-        if held is not None and _commit_stamp(uri, held[1]) == held[2]:
-            dt = held[0]
-            try:
-                dt.update_incremental()
-            except Exception:  # the log moved under the handle (e.g. cleaned up): open afresh
-                dt = None
+    dt = stamp = None
+    if held is not None and _commit_stamp(uri, held[1]) == held[2]:
+        dt = held[0]
+        try:
+            dt.update_incremental()
+        except Exception:  # the log moved under the handle (e.g. cleaned up): open afresh
+            dt = None
+        else:
+            stamp = held[2] if dt.version() == held[1] else None  # checked just above
+    if dt is None:
+        dt = _open_latest(uri)
         if dt is None:
-            dt = _open_latest(uri)
-            if dt is None:
-                return None
-        version = dt.version()
-        stamp = _commit_stamp(uri, version)
-        if stamp is not None:
+            return None
+    version = dt.version()
+    stamp = stamp or _commit_stamp(uri, version)
+    if stamp is not None:
+        with _LATEST_LOCK:
             _LATEST[uri] = (dt, version, stamp)
-        return dt, version, stamp
+    return dt, version, stamp
 
 
 def _open_latest(uri: str) -> DeltaTable | None:
     """A fresh handle of the latest version; None if no table is there, TableDamaged if its log is unreadable."""
     try:
-        return DeltaTable(uri)
+        return _delta(uri)
     except TableNotFoundError:
         return None
     except DeltaError as err:
@@ -159,7 +173,7 @@ def _damaged(uri: str, err: Exception, version: int | None = None) -> TableDamag
     found = _damage_in_log(uri, version)
     if found is not None:
         return TableDamaged(store, name, found[1], found[0])
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first_line = object_store.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
     return TableDamaged(store, name, f"delta-rs says: {first_line[:300]}")
 
 
@@ -168,27 +182,34 @@ def _damage_in_log(uri: str, version: int | None = None) -> tuple[str, str] | No
     that is not one JSON object a line, or that is missing between the oldest and the newest; None if every
     commit file reads. Only called once delta-rs has failed, so reading the whole log costs nothing that
     matters."""
-    log = Path(uri) / "_delta_log"
-    if "://" in uri or not log.is_dir():
+    if object_store.is_remote(uri):
+        log = f"{uri}/_delta_log"
+        names = [n for n in object_store.listing(log) if "/" not in n]
+        read = lambda name: object_store.get_bytes(f"{log}/{name}").decode()  # noqa: E731
+    elif "://" in uri or not (Path(uri) / "_delta_log").is_dir():
         return None
-    versions = sorted(int(p.stem) for p in log.glob("*.json") if p.stem.isdigit())
+    else:
+        log = str(Path(uri) / "_delta_log")
+        names = [p.name for p in Path(log).iterdir()]
+        read = lambda name: (Path(log) / name).read_text()  # noqa: E731
+    versions = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
     if version is not None:
         versions = [v for v in versions if v <= version]
     for previous, v in zip([None, *versions], versions):
-        path = log / f"{v:020d}.json"
+        name = f"{v:020d}.json"
         if previous is not None and v != previous + 1:
-            return str(log / f"{previous + 1:020d}.json"), f"is missing (the log has versions {previous} and {v})"
+            return f"{log}/{previous + 1:020d}.json", f"is missing (the log has versions {previous} and {v})"
         try:
-            for line in path.read_text().splitlines():
+            for line in read(name).splitlines():
                 if line.strip():
                     json.loads(line)
         except (ValueError, UnicodeDecodeError):
-            return str(path), "is not valid JSON (truncated or overwritten)"
+            return f"{log}/{name}", "is not valid JSON (truncated or overwritten)"
     return None
 
 
 def _held(uri: str, version: int) -> DeltaTable | None:
-    """The held latest handle of a local table if it is at `version` of the table as it is on disk now."""
+    """The held latest handle of a table if it is at `version` of the table as it is in the store now."""
     with _LATEST_LOCK:
         held = _LATEST.get(uri)
     if held is None or held[1] != version or _commit_stamp(uri, version) != held[2]:
@@ -197,10 +218,10 @@ def _held(uri: str, version: int) -> DeltaTable | None:
 
 
 def snapshot_id(store: str, name: str) -> tuple[int, int, int] | None:
-    """(version, and the identity of its commit file) of a local table's latest version, to key caches
-    of what was read from it; None for object stores and tables not written yet (nothing to cache)."""
+    """(version, and the identity of its commit file) of a table's latest version, to key caches of what
+    was read from it; None for tables not written yet (nothing to cache)."""
     uri = table_uri(store, name)
-    entry = None if "://" in uri else _latest_entry(uri)
+    entry = _latest_entry(uri)
     if entry is None or entry[2] is None:
         return None
     return entry[1], *entry[2]
@@ -280,37 +301,51 @@ def _commit(uri: str, data: pa.Table, name: str, mode: str, predicate: str | Non
     metadata = {**metadata, "asymre.commit_id": commit_id}
     for attempt in range(20):
         try:
+            held = _latest(uri)  # the held handle spares delta-rs a replay of the log
+            landed = None
             write_deltalake(
-                _latest(uri) or uri,  # the held handle spares delta-rs a replay of the log
+                held or uri,
                 data,
                 partition_by=PARTITIONS[name],
                 mode=mode,
                 predicate=predicate,
+                storage_options=None if held is not None else object_store.options_for(uri),
                 commit_properties=CommitProperties(custom_metadata=metadata, max_commit_retries=50),
             )
+            landed = None if held is None else held.version()  # the handle moves to the version it committed
             break
         except (CommitFailedError, OSError) as err:
             if attempt == 19 or not _is_conflict(err):
                 raise
             # back off a random while, longer each time, so that the writers that collided spread out
             time.sleep(0.05 + random.random() * 0.2 * (attempt + 1))
-    return _find_commit(uri, commit_id, name)
+    return _find_commit(uri, commit_id, name, landed)
 
 
-def _find_commit(uri: str, commit_id: str, name: str) -> int:
+def _find_commit(uri: str, commit_id: str, name: str, landed: int | None = None) -> int:
     """The version whose commit carries `commit_id`: other writers may have committed after ours, and
-    history() numbers entries from its own snapshot, so read the log's commit files themselves."""
+    history() numbers entries from its own snapshot (a handle opened at version 0 numbers versions 2, 1, 0 as
+    0, -1, -2: a negative version reached a stage's input on S3 with four writers), so read the log's commit files
+    themselves."""
+    if landed is not None and commit_id in _log_entry(uri, landed):  # one read, where the writing handle went
+        _latest(uri)  # the held entry still names the version before the write: stamp the one it moved to
+        return landed
     latest = _latest(uri).version()
-    if "://" in uri:  # object stores: history is the only portable reader
-        for commit in DeltaTable(uri).history(limit=256):
-            if commit.get("asymre.commit_id") == commit_id:
-                return int(commit["version"])
-    else:
-        for version in range(latest, max(-1, latest - 256), -1):
-            log = Path(uri) / "_delta_log" / f"{version:020d}.json"
-            if commit_id in log.read_text():
-                return version
+    for version in range(latest, max(-1, latest - 256), -1):
+        if commit_id in _log_entry(uri, version):
+            return version
     raise RuntimeError(f"table {name}: commit {commit_id} not found in the last 256 versions")
+
+
+def _log_entry(uri: str, version: int) -> str:
+    """The text of one commit file ("" if it is not there): a GET on S3."""
+    name = f"_delta_log/{version:020d}.json"
+    try:
+        if object_store.is_remote(uri):
+            return object_store.get_bytes(f"{uri}/{name}").decode()
+        return (Path(uri) / name).read_text()
+    except OSError:
+        return ""
 
 
 def write_partition(
@@ -395,7 +430,7 @@ def _at_version(store: str, name: str, version: int | None, use: Callable[[Delta
     if version is not None and dt.version() != version:
         uri = table_uri(store, name)
         try:
-            own = DeltaTable(uri, version=version)
+            own = _delta(uri, version)
         except DeltaError as err:
             raise _damaged(uri, err, version) from None
         result = use(own)
@@ -428,11 +463,23 @@ def files(
 
 
 def _first_missing(store: str, name: str, dt: DeltaTable, uris: list[str]) -> DataFileMissing | None:
-    """DataFileMissing for the first of `uris` (files of `dt`'s version) that a local store lacks, else None."""
+    """DataFileMissing for the first of `uris` (files of `dt`'s version) that the store lacks, else None: a stat
+    per file in a local store, one listing of the table's objects on S3."""
+    held = present(table_uri(store, name), uris)
     for uri in uris:
-        if "://" not in uri and not os.path.exists(uri):
+        if uri not in held:
             return DataFileMissing(resolve_store(store), name, dt.version(), _partition_of(name, uri), uri)
     return None
+
+
+def present(table: str, uris: list[str]) -> set[str]:
+    """Those of `uris` (data files of the table at URI `table`) that exist."""
+    if object_store.is_remote(table):
+        if not uris:
+            return set()
+        listed = object_store.listing(table)
+        return {uri for uri in uris if uri[len(table) + 1 :] in listed}
+    return {uri for uri in uris if os.path.exists(uri.removeprefix("file://"))}
 
 
 def _partition_of(name: str, file: str) -> dict[str, Any]:
@@ -447,24 +494,31 @@ def _partition_of(name: str, file: str) -> dict[str, Any]:
 
 
 def dataset_of(dt: DeltaTable, pruning: list[tuple] | None = None) -> Any:
-    """The pyarrow dataset of `dt`'s files (those `pruning` keeps), read through pyarrow's own filesystem for a
-    local table.
+    """The pyarrow dataset of `dt`'s files (those `pruning` keeps), read through pyarrow's own filesystem (local, or
+    S3 with the credentials of the environment: storage.object_store).
 
     delta-rs's default is a filesystem written in Python (deltalake.fs.DeltaStorageHandler), so pyarrow's C++
     IO threads call into Python for every read, also for the reads ahead it issues in the background
     (pre_buffer). With it, `asymre tables` aborted after printing its output in 7 of 150 runs ("terminate called
     without an active exception", exit 134); the same command through this native filesystem, 0 of 196. The
     likely mechanism: an IO thread that needs the interpreter while it shuts down is ended by CPython with
-    pthread_exit, whose unwinding through Arrow's noexcept C++ frames calls std::terminate. Object stores keep
-    delta-rs's handler (their credentials live in it)."""
-    uri = dt.table_uri
-    if "://" in uri and not uri.startswith("file://"):
-        return dt.to_pyarrow_dataset(file_pruning_predicate=pruning)
+    pthread_exit, whose unwinding through Arrow's noexcept C++ frames calls std::terminate. A table on S3 read
+    through delta-rs's handler aborted the same way here (moto on loopback), hence pyarrow's S3 filesystem."""
     import pyarrow.fs as pa_fs
 
-    root = urllib.parse.unquote(uri.removeprefix("file://"))
-    local = pa_fs.SubTreeFileSystem(root, pa_fs.LocalFileSystem())
-    return dt.to_pyarrow_dataset(filesystem=local, file_pruning_predicate=pruning)
+    uri = dt.table_uri.rstrip("/")
+    if object_store.is_remote(uri):
+        root = pa_fs.SubTreeFileSystem(object_store.path_of(uri), object_store.filesystem())
+    else:
+        root = pa_fs.SubTreeFileSystem(urllib.parse.unquote(uri.removeprefix("file://")), pa_fs.LocalFileSystem())
+    return dt.to_pyarrow_dataset(filesystem=root, file_pruning_predicate=pruning)
+
+
+def dataset(store: str, name: str, *, version: int | None = None, where: dict[str, Any] | None = None) -> Any:
+    """The pyarrow dataset of `name` (latest version, or `version`; only the files of the partitions `where`
+    names), or None when it was never written."""
+    pruning = _partition_filter(name, where or {})
+    return _at_version(store, name, version, lambda dt: dataset_of(dt, pruning))
 
 
 def read(
@@ -537,10 +591,26 @@ def history(store: str, name: str) -> list[dict[str, Any]]:
     return [] if dt is None else dt.history()
 
 
+def holds_tables(store: str) -> bool:
+    """Whether the store has a tables folder (without opening any table, one of which may be damaged)."""
+    root = resolve_store(store)
+    if object_store.is_remote(root):
+        return object_store.holds(f"{root}/tables")
+    return (Path(root) / "tables").is_dir()
+
+
+def folders(store: str) -> set[str] | None:
+    """The names of the table folders of a store on S3 (one listing; a table never written has none), None for a
+    local store (opening a table that is not there costs no more than looking)."""
+    root = resolve_store(store)
+    return object_store.folders(f"{root}/tables") if object_store.is_remote(root) else None
+
+
 def existing_tables(store: str) -> list[str]:
     """The tables written so far, also those that cannot be read any more (TableDamaged)."""
     have = []
-    for name in SCHEMAS:
+    there = folders(store)
+    for name in SCHEMAS if there is None else [n for n in SCHEMAS if n in there]:
         try:
             if open_table(store, name) is not None:
                 have.append(name)
