@@ -147,11 +147,12 @@ def base_checkpoint(run: StageRun) -> int:
 
 def dequantised_gguf(run: StageRun, path: Path) -> str:
     """The plain Hugging Face folder of a GGUF file, dequantised once per file content into the store's cache."""
-    cache = gguf.cache_folder(checkpoints.cache_dir(run.store), path)
+    sha256 = gguf.file_sha256(path)
+    cache = gguf.cache_folder(checkpoints.cache_dir(run.store), sha256)
     if not checkpoints.complete(cache):
         with run.progress(f"dequantise {path.name}") as bar:
             model, tokenizer = gguf.dequantise(path)
-            checkpoints.save(cache, model, tokenizer, record={"gguf": str(path), "sha256": gguf.file_sha256(path)})
+            checkpoints.save(cache, model, tokenizer, record={"gguf": str(path), "sha256": sha256})
             bar(1, 1, str(cache))
     return str(cache)
 

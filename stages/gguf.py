@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 from stages.models import PolicyLoadError, quiet_transformers
@@ -86,9 +85,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_folder(cache_root: Path, path: Path) -> Path:
-    """Where the dequantised folder of this file's content lives (same bytes, same folder, any path)."""
-    return Path(cache_root) / f"gguf-{file_sha256(path)[:16]}"
+def cache_folder(cache_root: Path, sha256: str) -> Path:
+    """Where the dequantised folder of a file with this content hash lives (same bytes, same folder, any path)."""
+    return Path(cache_root) / f"gguf-{sha256[:16]}"
 
 
 def dequantise(path: Path, dtype: str = "float32"):
@@ -114,11 +113,3 @@ def dequantise(path: Path, dtype: str = "float32"):
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     return model.eval(), tokenizer
-
-
-def strip_quantization(folder: Path) -> None:
-    """config.json without `quantization_config` (a leftover would make vLLM quantise the weights again)."""
-    config_path = Path(folder) / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.pop("quantization_config", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -62,24 +62,34 @@ def when(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
+def server_env(tmp_path, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a real Prefect server on loopback and of the commands that talk to it."""
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+def start_server(port: int, env: dict[str, str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
 def test_interval_schedule_runs_a_round(tmp_path):
     """`asymre serve --interval 5` with rounds far slower than 5 s: one line per finished round and no
     Prefect INFO stream, the runs that fell due meanwhile skipped (none left waiting in SCHEDULED), and
     SIGTERM ends it with one line, no traceback, exit code 0."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
+    env = server_env(tmp_path, url)
     with (tmp_path / "server.log").open("w") as log:  # a file: its errors under load would fill a pipe
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        server = start_server(port, env, log)
     store = tmp_path / "store"
     sets = [a for s in [*TINY, "name=sched", "rounds=1"] for a in ("--set", s)]
     out, err = tmp_path / "serve.out", tmp_path / "serve.err"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import urllib.request
 import polars as pl
 import pytest
 from frames import TINY
-from test_serve import free_port, healthy, wait_for, when
+from test_serve import free_port, healthy, server_env, start_server, wait_for, when
 
 from storage import lineage
 
@@ -60,26 +59,20 @@ def stop(proc: subprocess.Popen | None) -> None:
 def test_two_triggered_runs_take_turns_on_a_worker(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        # the waiting run retries its slot at least every 2 s (Prefect's default: up to 30 s), and the worker
-        # polls every 2 s (default 10): the test's waits, not the mechanism
-        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-    }
+    # the waiting run retries its slot at least every 2 s (Prefect's default: up to 30 s), and the worker
+    # polls every 2 s (default 10): the test's waits, not the mechanism
+    env = server_env(
+        tmp_path,
+        url,
+        PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="2",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
     store = tmp_path / "store"
     sets = [a for s in SMALL for a in ("--set", s)]
     worker_out = tmp_path / "worker.out"
     worker = None
     with (tmp_path / "server.log").open("w") as log:  # a file: its errors under load would fill a pipe
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        server = start_server(port, env, log)
     try:
         wait_for(lambda: healthy(url), 180, "the Prefect server", [server])
         registered = subprocess.run(
